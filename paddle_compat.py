@@ -1,0 +1,172 @@
+"""Compatibility layer: ppdiffusers 0.29 on Paddle 3.x.
+
+Every entry point of this project (trainer, scheduler modules, scripts) imports
+this module first; importing it calls :func:`apply`, which closes the three gaps
+measured in ENVIRONMENT.md:
+
+1. ``ppdiffusers.peft`` calls ``.keys()/.items()/.values()`` on
+   ``paddle.nn.ParameterDict``, which Paddle 3 no longer provides.
+2. The SD3 joint attention processor calls ``F.scaled_dot_product_attention_``,
+   which ppdiffusers only defines when its GPU memory-efficient attention is
+   importable; on CPU every SD3 forward fails without it.
+3. ``StableDiffusion3Pipeline.load_lora_weights`` infers each module's LoRA rank
+   from ``lora_B.weight.shape[1]``: right for PyTorch's ``[out, r]`` layout, but
+   the output width in Paddle's ``[r, out]`` Linear layout, so the reloaded
+   adapter gets a wrong ``lora_alpha`` and does not reproduce the trained model.
+
+``apply()`` is idempotent and each shim is a no-op where it is not needed.
+It also sets ``USE_PEFT_BACKEND=True`` (the seed snippet's setting) unless the
+user chose otherwise, before ppdiffusers is first imported.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("USE_PEFT_BACKEND", "True")
+
+import paddle  # noqa: E402
+import paddle.nn.functional as F  # noqa: E402
+
+_APPLIED = False
+
+
+# --- 1. ParameterDict mapping methods ---------------------------------------------------
+def _patch_parameter_dict() -> bool:
+    """Give ``paddle.nn.ParameterDict`` the mapping methods ppdiffusers.peft uses."""
+    cls = paddle.nn.ParameterDict
+    added = False
+    if not hasattr(cls, "keys"):
+        cls.keys = lambda self: self._parameters.keys()
+        added = True
+    if not hasattr(cls, "items"):
+        cls.items = lambda self: self._parameters.items()
+        added = True
+    if not hasattr(cls, "values"):
+        cls.values = lambda self: self._parameters.values()
+        added = True
+    return added
+
+
+# --- 2. scaled_dot_product_attention_ ---------------------------------------------------
+_NATIVE_SDPA_WORKS: dict = {}
+
+
+def _native_sdpa_works(query: paddle.Tensor) -> bool:
+    """Whether Paddle's fused attention runs for this device and dtype (probed once each)."""
+    key = (str(query.place), str(query.dtype))
+    if key not in _NATIVE_SDPA_WORKS:
+        ok = False
+        if query.dtype in (paddle.float16, paddle.bfloat16) and not query.place.is_cpu_place():
+            try:
+                probe = paddle.ones([1, 2, 1, 64], dtype=query.dtype)
+                F.scaled_dot_product_attention(probe, probe, probe)
+                ok = True
+            except Exception:  # no fused kernel for this device/dtype
+                ok = False
+        _NATIVE_SDPA_WORKS[key] = ok
+    return _NATIVE_SDPA_WORKS[key]
+
+
+def math_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, training=True):
+    """Plain softmax attention on ``[batch, seq, heads, head_dim]`` tensors (any device and dtype)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    q = query.transpose([0, 2, 1, 3])
+    k = key.transpose([0, 2, 1, 3])
+    v = value.transpose([0, 2, 1, 3])
+    scores = paddle.matmul(q * scale, k, transpose_y=True)
+    if is_causal:
+        n_q, n_k = scores.shape[-2], scores.shape[-1]
+        causal = paddle.triu(paddle.full([n_q, n_k], float("-inf"), dtype=scores.dtype), diagonal=1)
+        scores = scores + causal
+    elif attn_mask is not None:
+        if attn_mask.dtype == paddle.bool:
+            attn_mask = paddle.where(attn_mask, paddle.zeros([], scores.dtype), paddle.full([], float("-inf"), scores.dtype))
+        scores = scores + attn_mask.astype(scores.dtype)
+    probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p, training=training)
+    return paddle.matmul(probs, v).transpose([0, 2, 1, 3])
+
+
+def scaled_dot_product_attention_(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, training=True, attention_op=None
+):
+    """Stand-in for ppdiffusers' ``F.scaled_dot_product_attention_`` (``[batch, seq, heads, dim]``).
+
+    Uses Paddle's fused attention where it runs (GPU, fp16/bf16, default scale, no mask),
+    else :func:`math_attention`.
+    """
+    default_scale = scale is None or abs(scale - 1.0 / math.sqrt(query.shape[-1])) < 1e-12
+    if attention_op != "math" and attn_mask is None and default_scale and _native_sdpa_works(query):
+        return F.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout_p if training else 0.0, is_causal=is_causal, training=training
+        )
+    return math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, training)
+
+
+def _patch_sdpa() -> bool:
+    if hasattr(F, "scaled_dot_product_attention_"):
+        return False
+    F.scaled_dot_product_attention_ = scaled_dot_product_attention_
+    return True
+
+
+# --- 3. SD3 LoRA reload: rank from Paddle's weight layout --------------------------------
+def paddle_lora_ranks(state_dict: dict) -> dict:
+    """Rank of every ``lora_B`` weight of a Paddle-layout state dict.
+
+    Linear ``lora_B.weight`` is ``[r, out]`` in Paddle; Conv2d ``lora_B.weight`` is
+    ``[out, r, kh, kw]``.
+    """
+    ranks = {}
+    for name, weight in state_dict.items():
+        if "lora_B" in name:
+            ranks[name] = int(weight.shape[0] if len(weight.shape) == 2 else weight.shape[1])
+    return ranks
+
+
+def _patch_sd3_lora_rank() -> bool:
+    from ppdiffusers.loaders import lora as lora_module
+
+    mixin = lora_module.SD3LoraLoaderMixin
+    original = mixin.__dict__["load_lora_into_transformer"].__func__
+    if getattr(original, "_pcm_compat", False):
+        return False
+    upstream_get_peft_kwargs = lora_module.get_peft_kwargs
+
+    def get_peft_kwargs_paddle_layout(rank_dict, network_alpha_dict, peft_state_dict, is_unet=True):
+        corrected = paddle_lora_ranks({k: peft_state_dict[k] for k in rank_dict})
+        return upstream_get_peft_kwargs(corrected, network_alpha_dict, peft_state_dict, is_unet=is_unet)
+
+    def load_lora_into_transformer(cls, state_dict, transformer, adapter_name=None, _pipeline=None, from_diffusers=None):
+        # A PyTorch-format file keeps [out, r], for which upstream's shape[1] is right.
+        if from_diffusers:
+            return original(cls, state_dict, transformer, adapter_name, _pipeline, from_diffusers)
+        lora_module.get_peft_kwargs = get_peft_kwargs_paddle_layout
+        try:
+            return original(cls, state_dict, transformer, adapter_name, _pipeline, from_diffusers)
+        finally:
+            lora_module.get_peft_kwargs = upstream_get_peft_kwargs
+
+    load_lora_into_transformer._pcm_compat = True
+    mixin.load_lora_into_transformer = classmethod(load_lora_into_transformer)
+    return True
+
+
+def apply() -> dict:
+    """Apply every shim (idempotent). Returns which ones changed something on this call."""
+    global _APPLIED
+    import ppdiffusers  # noqa: F401  (defines its own attention first where it can)
+
+    changed = {
+        "parameter_dict": _patch_parameter_dict(),
+        "scaled_dot_product_attention_": _patch_sdpa(),
+        "sd3_lora_rank": _patch_sd3_lora_rank(),
+    }
+    _APPLIED = True
+    return changed
+
+
+apply()

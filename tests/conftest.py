@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny models and data are built with the project's own scripts, once per session."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+import paddle_compat  # noqa: E402,F401  (before anything imports ppdiffusers)
+
+
+def run_python(args, cwd=None, env=None, timeout=600):
+    """Run ``python args...`` with the repo on PYTHONPATH; returns the CompletedProcess (text)."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """The embedded default teacher, written by scripts/make_tiny_sd3.py (2 blocks, width 32)."""
+    from make_tiny_sd3 import make_tiny_sd3
+
+    return make_tiny_sd3(str(tmp_path_factory.mktemp("tiny-sd3")), seed=0)
