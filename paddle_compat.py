@@ -2,7 +2,7 @@
 
 Every entry point of this project (trainer, scheduler modules, scripts) imports
 this module first; importing it calls :func:`apply`, which closes the three gaps
-measured in ENVIRONMENT.md:
+measured in ENVIRONMENT.md and a fourth found while building the trainer:
 
 1. ``ppdiffusers.peft`` calls ``.keys()/.items()/.values()`` on
    ``paddle.nn.ParameterDict``, which Paddle 3 no longer provides.
@@ -13,6 +13,10 @@ measured in ENVIRONMENT.md:
    from ``lora_B.weight.shape[1]``: right for PyTorch's ``[out, r]`` layout, but
    the output width in Paddle's ``[r, out]`` Linear layout, so the reloaded
    adapter gets a wrong ``lora_alpha`` and does not reproduce the trained model.
+
+4. With gradient checkpointing on, ``SD3Transformer2DModel`` assigns the
+   ``(encoder_hidden_states, hidden_states)`` pair a block returns to
+   ``hidden_states`` and fails in the next block (``--gradient_checkpointing``).
 
 ``apply()`` is idempotent and each shim is a no-op where it is not needed.
 It also sets ``USE_PEFT_BACKEND=True`` (the seed snippet's setting) unless the
@@ -155,6 +159,42 @@ def _patch_sd3_lora_rank() -> bool:
     return True
 
 
+# --- 4. SD3 blocks under gradient checkpointing ----------------------------------------
+def run_joint_blocks(transformer, hidden_states, encoder_hidden_states, temb, features=None):
+    """Run the SD3 transformer blocks, recomputing activations in backward when the model is
+    training with gradient checkpointing. Appends each block's image-token output to
+    ``features`` when given (the discriminator's feature taps). Returns both streams."""
+    from paddle.distributed.fleet.utils import recompute
+    from ppdiffusers.utils import recompute_use_reentrant
+
+    checkpointing = transformer.training and getattr(transformer, "gradient_checkpointing", False)
+    for block in transformer.transformer_blocks:
+        if checkpointing:
+            kwargs = {} if recompute_use_reentrant() else {"use_reentrant": False}
+            encoder_hidden_states, hidden_states = recompute(block, hidden_states, encoder_hidden_states, temb, **kwargs)
+        else:
+            encoder_hidden_states, hidden_states = block(
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb
+            )
+        if features is not None:
+            features.append(hidden_states)
+    return encoder_hidden_states, hidden_states
+
+
+def _patch_sd3_checkpointing() -> bool:
+    from ppdiffusers.models.transformer_sd3 import SD3Transformer2DModel
+
+    if getattr(SD3Transformer2DModel.sd3_origin_transformer, "_pcm_compat", False):
+        return False
+
+    def sd3_origin_transformer(self, hidden_states, encoder_hidden_states, temb):
+        return run_joint_blocks(self, hidden_states, encoder_hidden_states, temb)
+
+    sd3_origin_transformer._pcm_compat = True
+    SD3Transformer2DModel.sd3_origin_transformer = sd3_origin_transformer
+    return True
+
+
 def apply() -> dict:
     """Apply every shim (idempotent). Returns which ones changed something on this call."""
     global _APPLIED
@@ -164,6 +204,7 @@ def apply() -> dict:
         "parameter_dict": _patch_parameter_dict(),
         "scaled_dot_product_attention_": _patch_sdpa(),
         "sd3_lora_rank": _patch_sd3_lora_rank(),
+        "sd3_gradient_checkpointing": _patch_sd3_checkpointing(),
     }
     _APPLIED = True
     return changed
