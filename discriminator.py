@@ -1,0 +1,114 @@
+"""The PCM adversarial discriminator for SD3 (PCM_SPEC §3.9).
+
+The frozen teacher transformer is the feature extractor: the image-token hidden
+states after every transformer block. One small trainable head per block turns
+its tokens, reshaped to the latent patch grid ``[B, C, H/p, W/p]``, into a map of
+logits. Unlike the reference (64x64 tokens and 24 blocks of width 1536 hard-coded,
+so only 1024 px SD3-medium works) the grid is read from the input and the head
+count and width from the transformer config: any resolution, any SD3 variant.
+
+The backbone is the teacher object itself, held by reference (not a sublayer), so
+``parameters()`` and ``state_dict()`` hold only the heads.
+"""
+from __future__ import annotations
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from paddle_compat import run_joint_blocks
+
+
+class DiscriminatorHead(nn.Layer):
+    """1x1 conv -> GroupNorm(32) -> LeakyReLU, the same again with a residual, 1x1 conv to one channel."""
+
+    def __init__(self, channels: int, out_channels: int = 1):
+        super().__init__()
+        if channels % 32:
+            raise ValueError(f"discriminator head width {channels} must be a multiple of 32 (GroupNorm(32))")
+        self.conv1 = nn.Sequential(nn.Conv2D(channels, channels, 1), nn.GroupNorm(32, channels), nn.LeakyReLU())
+        self.conv2 = nn.Sequential(nn.Conv2D(channels, channels, 1), nn.GroupNorm(32, channels), nn.LeakyReLU())
+        self.conv_out = nn.Conv2D(channels, out_channels, 1)
+
+    def forward(self, tokens: paddle.Tensor, grid_height: int, grid_width: int) -> paddle.Tensor:
+        batch, num_tokens, channels = tokens.shape
+        if num_tokens != grid_height * grid_width:
+            raise ValueError(f"{num_tokens} tokens do not form a {grid_height}x{grid_width} grid")
+        x = tokens.transpose([0, 2, 1]).reshape([batch, channels, grid_height, grid_width])
+        x = self.conv1(x)
+        x = self.conv2(x) + x
+        return self.conv_out(x)
+
+
+def block_features(backbone, sample, timestep, encoder_hidden_states, pooled_projections) -> list:
+    """Image-token hidden states ``[B, H/p * W/p, C]`` after every block of an SD3 transformer."""
+    hidden_states = backbone.pos_embed(sample)
+    temb = backbone.time_text_embed(timestep, pooled_projections)
+    context = backbone.context_embedder(encoder_hidden_states)
+    features = []
+    run_joint_blocks(backbone, hidden_states, context, temb, features)
+    return features
+
+
+class Discriminator(nn.Layer):
+    """Heads on the frozen backbone's block features, with the hinge losses of PCM.
+
+    Call through ``forward(mode, ...)`` (``"d_loss"``, ``"g_loss"`` or ``"logits"``) so that a
+    ``paddle.DataParallel`` wrapper sees every use of the heads.
+    """
+
+    def __init__(self, backbone, num_heads_per_block: int = 1):
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)  # a reference, not a sublayer
+        config = backbone.config
+        width = config.num_attention_heads * config.attention_head_dim
+        self.patch_size = config.patch_size
+        self.num_heads_per_block = num_heads_per_block
+        self.heads = nn.LayerList(
+            [nn.LayerList([DiscriminatorHead(width) for _ in range(num_heads_per_block)]) for _ in range(config.num_layers)]
+        )
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads) * self.num_heads_per_block
+
+    def logits(self, sample, timestep, encoder_hidden_states, pooled_projections) -> list:
+        """One logit map ``[B, 1, H/p, W/p]`` per head."""
+        grid_h, grid_w = sample.shape[-2] // self.patch_size, sample.shape[-1] // self.patch_size
+        features = block_features(self.backbone, sample, timestep, encoder_hidden_states, pooled_projections)
+        if len(features) != len(self.heads):
+            raise ValueError(f"backbone gave {len(features)} block features for {len(self.heads)} head groups")
+        return [head(feature, grid_h, grid_w) for feature, group in zip(features, self.heads) for head in group]
+
+    def d_loss(self, fake, real, timestep, encoder_hidden_states, pooled_projections) -> paddle.Tensor:
+        """``sum_heads [mean(relu(1 + D(fake))) + mean(relu(1 - D(real)))] / #heads`` on detached samples.
+
+        Fake and real go through the backbone as one batch (the per-sample result is the same)."""
+        batch = fake.shape[0]
+        both = paddle.concat([fake.detach(), real.detach()])
+        outputs = self.logits(
+            both, paddle.concat([timestep, timestep]), paddle.concat([encoder_hidden_states] * 2),
+            paddle.concat([pooled_projections] * 2),
+        )
+        loss = paddle.zeros([], dtype="float32")
+        for out in outputs:
+            out = out.astype("float32")
+            loss = loss + F.relu(1 + out[:batch]).mean() + F.relu(1 - out[batch:]).mean()
+        return loss / self.num_heads
+
+    def g_loss(self, fake, timestep, encoder_hidden_states, pooled_projections) -> paddle.Tensor:
+        """``sum_heads mean(relu(1 - D(fake))) / #heads``; gradients flow through the backbone into ``fake``."""
+        outputs = self.logits(fake, timestep, encoder_hidden_states, pooled_projections)
+        loss = paddle.zeros([], dtype="float32")
+        for out in outputs:
+            loss = loss + F.relu(1 - out.astype("float32")).mean()
+        return loss / self.num_heads
+
+    def forward(self, mode: str, *args):
+        if mode == "d_loss":
+            return self.d_loss(*args)
+        if mode == "g_loss":
+            return self.g_loss(*args)
+        if mode == "logits":
+            return self.logits(*args)
+        raise ValueError(f"unknown discriminator mode {mode!r}")

@@ -1,0 +1,665 @@
+#!/usr/bin/env python
+"""Phased Consistency Model (PCM) LoRA distillation of Stable Diffusion 3, with an adversarial loss.
+
+One command, single process or under ``python -m paddle.distributed.launch``:
+
+    python -u -m paddle.distributed.launch --gpus "0,1,2,3,4,5,6,7" train_pcm_lora_sd3_adv.py \\
+        --data_path ./cc3m --pretrained_teacher_model stabilityai/stable-diffusion-3-medium-diffusers \\
+        --mixed_precision fp16 --resolution 1024 --lora_rank 32 ...
+
+The algorithm, its defaults and the reference's defects we avoid are in PCM_SPEC.md; every
+deviation from the reference is listed in the README. Sections: arguments, checks made before
+any model is loaded, model set-up, the training step, the loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import paddle_compat  # noqa: E402,F401  (before ppdiffusers)
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+import paddle.distributed as dist  # noqa: E402
+
+import checkpointing  # noqa: E402
+import pcm_lora  # noqa: E402
+from pcm_solver import EulerSolver, cfg_velocity, consistency_loss  # noqa: E402
+
+DEFAULT_VALIDATION_PROMPT = (
+    "portrait photo of a girl, photograph, highly detailed face, depth of field, moody light, golden hour, "
+    "style by Dan Winters, Russell James, Steve McCurry, centered, extremely detailed, Nikon D850, "
+    "award winning photography"
+)
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+# Reference flags that have no meaning in this Paddle port: accepted, warned about, ignored.
+IGNORED_REFERENCE_FLAGS = {
+    "use_8bit_adam": "bitsandbytes 8-bit Adam has no Paddle equivalent; using AdamW",
+    "allow_tf32": "Paddle decides TF32 use itself (FLAGS_cudnn/cublas settings)",
+    "push_to_hub": "pushing to a model hub is not supported; the LoRA is written to --output_dir",
+    "hub_token": "pushing to a model hub is not supported",
+    "hub_model_id": "pushing to a model hub is not supported",
+    "scale_lr": "the reference does not use it either in effect; set --learning_rate directly",
+    "prior_generation_precision": "not used by PCM distillation",
+    "text_encoder_lr": "text encoders are frozen in PCM distillation",
+    "weighting_scheme": "the reference's PCM loss uses weighting 1.0",
+}
+MAX_CONSECUTIVE_NONFINITE = 20
+
+
+class ArgumentError(ValueError):
+    """A bad flag value, reported as one line before any model is loaded."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="PCM LoRA distillation of SD3 with an adversarial loss (PaddlePaddle).")
+    add = p.add_argument
+    # Model and data
+    add("--pretrained_teacher_model", required=True, help="SD3 diffusers-layout folder or hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers)")
+    add("--revision", default=None, help="model revision (hub ids only)")
+    add("--variant", default=None, help="weight variant, e.g. fp16")
+    add("--data_path", required=True, help="folder of .tar shards, a brace pattern (cc3m-train-{0000..0575}.tar), one .tar, or a folder of images with .txt captions")
+    add("--resolution", type=int, default=1024, help="training resolution (square); must be divisible by VAE factor x patch size")
+    add("--center_crop", action="store_true", help="center crop after resizing (default: random crop)")
+    add("--random_flip", action="store_true", help="random horizontal flip")
+    add("--min_image_size", type=int, default=0, help="skip images whose shorter side is below this (0: keep all)")
+    add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes per rank")
+    add("--output_dir", default="sd3-dreambooth", help="where the LoRA, checkpoints and logs go")
+    add("--seed", type=int, default=None, help="base seed; rank r uses seed + r")
+    # PCM
+    add("--num_euler_timesteps", type=int, default=50, help="N: Euler solver points on the teacher schedule")
+    add("--multiphase", type=int, default=8, help="P: number of phases")
+    add("--w_min", type=float, default=3.0, help="guidance scale w ~ U[w_min, w_max] per sample (reference: fixed 3)")
+    add("--w_max", type=float, default=3.0, help="see --w_min")
+    add("--not_apply_cfg_solver", action="store_true", help="teacher without classifier-free guidance")
+    add("--loss_type", default="l2", choices=["l2", "huber"], help="consistency loss")
+    add("--huber_c", type=float, default=0.001, help="Huber constant c")
+    add("--adv_weight", type=float, default=0.1, help="weight of the generator's adversarial loss")
+    add("--adv_lr", type=float, default=1e-5, help="discriminator heads' learning rate")
+    add("--lora_rank", type=int, default=4, help="LoRA rank (alpha stays at PEFT's default 8)")
+    # Optimisation
+    add("--train_batch_size", type=int, default=4, help="batch size per device")
+    add("--num_train_epochs", type=int, default=1)
+    add("--max_train_steps", type=int, default=None, help="total optimizer steps (D and G steps alternate); overrides epochs")
+    add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    add("--gradient_checkpointing", action="store_true", help="recompute transformer activations in backward")
+    add("--learning_rate", type=float, default=1e-4)
+    add("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    add("--lr_warmup_steps", type=int, default=500)
+    add("--lr_num_cycles", type=int, default=1)
+    add("--lr_power", type=float, default=1.0)
+    add("--optimizer", default="AdamW", help="AdamW (prodigy is not available in Paddle: warned, AdamW used)")
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=1e-4)
+    add("--adam_epsilon", type=float, default=1e-8)
+    add("--max_grad_norm", type=float, default=1.0)
+    add("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="fp16/bf16 need a GPU; default no")
+    add("--enable_xformers_memory_efficient_attention", action="store_true",
+        help="use Paddle's fused memory-efficient attention where the device has it (GPU, fp16/bf16)")
+    # Checkpoints, validation, logging
+    add("--checkpointing_steps", type=int, default=500)
+    add("--checkpoints_total_limit", type=int, default=None)
+    add("--resume_from_checkpoint", default=None, help="a checkpoint-N folder or 'latest'")
+    add("--validation_prompt", action="append", default=None, help="repeatable; default: the seed's portrait prompt")
+    add("--num_validation_images", type=int, default=4)
+    add("--validation_steps", type=int, default=50)
+    add("--report_to", default="tensorboard", help="wandb, visualdl, tensorboard, all or none")
+    add("--tracker_project_name", default="text2image-fine-tune")
+    add("--logging_dir", default="logs")
+    add("--local_rank", type=int, default=-1, help="set by launchers; ignored (Paddle reads its environment)")
+    # Reference flags without a Paddle meaning (accepted with a warning)
+    add("--use_8bit_adam", action="store_true", help=argparse.SUPPRESS)
+    add("--allow_tf32", action="store_true", help=argparse.SUPPRESS)
+    add("--push_to_hub", action="store_true", help=argparse.SUPPRESS)
+    add("--hub_token", default=None, help=argparse.SUPPRESS)
+    add("--hub_model_id", default=None, help=argparse.SUPPRESS)
+    add("--scale_lr", action="store_true", help=argparse.SUPPRESS)
+    add("--prior_generation_precision", default=None, help=argparse.SUPPRESS)
+    add("--text_encoder_lr", type=float, default=None, help=argparse.SUPPRESS)
+    add("--weighting_scheme", default=None, help=argparse.SUPPRESS)
+    for name in ("logit_mean", "logit_std", "mode_scale", "prodigy_beta3", "adam_weight_decay_text_encoder"):
+        add(f"--{name}", type=float, default=None, help=argparse.SUPPRESS)
+    for name in ("prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
+        add(f"--{name}", default=None, help=argparse.SUPPRESS)
+    add("--sample_batch_size", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.validation_prompt is None:
+        args.validation_prompt = [DEFAULT_VALIDATION_PROMPT]
+    return args
+
+
+def warn_ignored_flags(args, log) -> None:
+    for name, why in IGNORED_REFERENCE_FLAGS.items():
+        if getattr(args, name) not in (None, False):
+            log(f"warning: --{name} is ignored: {why}")
+    if args.optimizer.lower() != "adamw":
+        log(f"warning: --optimizer {args.optimizer} is not available in Paddle; using AdamW")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks made before any model is loaded
+# ----------------------------------------------------------------------------------------------
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def teacher_geometry(path: str) -> dict:
+    """Numbers the checks need from a local teacher folder (defaults of SD3-medium for a hub id)."""
+    if not os.path.exists(path):
+        if HUB_ID.match(path):
+            return {"vae_factor": 8, "patch_size": 2, "num_train_timesteps": 1000}
+        raise ArgumentError(f"--pretrained_teacher_model: {path} does not exist (give an SD3 folder in diffusers layout or a hub id)")
+    needed = ["model_index.json", "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
+    missing = [f for f in needed if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise ArgumentError(f"--pretrained_teacher_model: {path} is not an SD3 diffusers folder (missing {', '.join(missing)})")
+    try:
+        vae = _read_json(os.path.join(path, "vae/config.json"))
+        transformer = _read_json(os.path.join(path, "transformer/config.json"))
+        scheduler = _read_json(os.path.join(path, "scheduler/scheduler_config.json"))
+    except ValueError as error:
+        raise ArgumentError(f"--pretrained_teacher_model: unreadable config in {path} ({error})") from None
+    return {
+        "vae_factor": 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+        "patch_size": int(transformer.get("patch_size", 2)),
+        "num_train_timesteps": int(scheduler.get("num_train_timesteps", 1000)),
+    }
+
+
+def check_precision(mixed_precision: str) -> None:
+    """fp16/bf16 need matmul and conv kernels in that dtype on this device."""
+    if mixed_precision in (None, "no"):
+        return
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}[mixed_precision]
+    device = paddle.get_device()
+    try:
+        x = paddle.ones([2, 8, 4, 4], dtype=dtype)
+        paddle.nn.functional.conv2d(x, paddle.ones([8, 8, 1, 1], dtype=dtype))
+        paddle.matmul(x, x, transpose_y=True)
+    except Exception:
+        raise ArgumentError(
+            f"--mixed_precision {mixed_precision}: this device ({device}) has no {dtype} kernels; "
+            f"use --mixed_precision no{'' if device.startswith('gpu') else ' (fp16/bf16 training needs a GPU)'}"
+        ) from None
+
+
+def validate_args(args) -> dict:
+    """Every check that needs no model. Raises ArgumentError (one line naming the flag)."""
+    from data import DataPathError, validate_data_path
+
+    positive = ["learning_rate", "adv_lr", "train_batch_size", "gradient_accumulation_steps", "num_euler_timesteps",
+                "checkpointing_steps", "validation_steps", "lora_rank", "resolution", "num_train_epochs"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise ArgumentError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps <= 0:
+        raise ArgumentError(f"--max_train_steps must be > 0, got {args.max_train_steps}")
+    if args.dataloader_num_workers < 0:
+        raise ArgumentError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ArgumentError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
+    if args.w_min > args.w_max:
+        raise ArgumentError(f"--w_min ({args.w_min}) must not exceed --w_max ({args.w_max})")
+    if args.loss_type == "huber" and args.huber_c <= 0:
+        raise ArgumentError(f"--huber_c must be > 0 for --loss_type huber, got {args.huber_c}")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise ArgumentError("--hub_token cannot be used with --report_to wandb (it could expose your token); log in with the hub's CLI instead")
+    if not 1 <= args.multiphase <= args.num_euler_timesteps:
+        raise ArgumentError(f"--multiphase must be between 1 and --num_euler_timesteps ({args.num_euler_timesteps}), got {args.multiphase}")
+    geometry = teacher_geometry(args.pretrained_teacher_model)
+    if geometry["num_train_timesteps"] % args.num_euler_timesteps:
+        raise ArgumentError(f"--num_euler_timesteps ({args.num_euler_timesteps}) must divide the teacher's "
+                            f"{geometry['num_train_timesteps']} training timesteps")
+    factor = geometry["vae_factor"] * geometry["patch_size"]
+    if args.resolution % factor:
+        raise ArgumentError(f"--resolution ({args.resolution}) must be divisible by {factor} (VAE factor {geometry['vae_factor']} x patch size {geometry['patch_size']})")
+    try:
+        geometry["data"] = validate_data_path(args.data_path)
+    except DataPathError as error:
+        raise ArgumentError(str(error)) from None
+    check_precision(args.mixed_precision)
+    return geometry
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers
+# ----------------------------------------------------------------------------------------------
+def world() -> tuple:
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    if dist.get_world_size() == 1:
+        return flag
+    value = paddle.to_tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    paddle.seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+def load_models(args, weight_dtype: str, log):
+    """Tokenizers, text encoders, VAE, teacher (fp32) and student (weight dtype + fp32 LoRA)."""
+    from ppdiffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from ppdiffusers.transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    path = args.pretrained_teacher_model
+    common = {"revision": args.revision} if args.revision else {}
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                  CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+                  T5Tokenizer.from_pretrained(path, subfolder="tokenizer_3")]
+    text_encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder"),
+                     CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
+                     T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3")]
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+    teacher = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", variant=args.variant, **common)
+    student = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", variant=args.variant, **common)
+
+    for model in (*text_encoders, vae, teacher, student):
+        for param in model.parameters():
+            param.stop_gradient = True
+        model.eval()
+    for encoder in text_encoders:
+        encoder.to(dtype=weight_dtype)
+    vae.to(dtype="float32")
+    teacher.to(dtype="float32")
+    student.to(dtype=weight_dtype)
+    pcm_lora.add_pcm_lora(student, args.lora_rank)
+    for name, layer in student.named_sublayers():
+        if name.endswith(("lora_A", "lora_B")):
+            layer.to(dtype="float32")  # fp32 master weights for the trainable LoRA
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+        teacher.enable_gradient_checkpointing()
+        student.train()  # checkpointing is active in train mode (SD3 has no dropout)
+        teacher.train()
+    trainable = [p for p in student.parameters() if not p.stop_gradient]
+    log(f"student LoRA: rank {args.lora_rank}, {len(pcm_lora.lora_module_names(student))} modules, "
+        f"{sum(int(np.prod(p.shape)) for p in trainable):,} trainable parameters")
+    return tokenizers, text_encoders, vae, noise_scheduler, teacher, student
+
+
+# ----------------------------------------------------------------------------------------------
+# The training step
+# ----------------------------------------------------------------------------------------------
+class PCMStep:
+    """Steps 1-7 of PCM_SPEC §3 for one micro-batch, and the D or G loss of step 8."""
+
+    def __init__(self, args, solver, encode, uncond, vae, teacher, student, discriminator, weight_dtype, amp):
+        self.args, self.solver, self.encode = args, solver, encode
+        self.uncond_embeds, self.uncond_pooled = uncond
+        self.vae, self.teacher, self.student, self.discriminator = vae, teacher, student, discriminator
+        self.weight_dtype, self.amp = weight_dtype, amp
+        self.num_train_timesteps = 1000
+
+    def autocast(self):
+        if not self.amp:
+            return nullcontext()
+        return paddle.amp.auto_cast(enable=True, dtype=self.weight_dtype, level="O1")
+
+    def __call__(self, batch, is_d_step: bool) -> dict:
+        args, solver = self.args, self.solver
+        T = self.num_train_timesteps
+        pixel_values = batch["pixel_values"].astype("float32")
+        prompt_embeds, pooled = self.encode(list(batch["captions"]))
+        bsz = pixel_values.shape[0]
+
+        # 2. latents, with the VAE's shift and scale (the reference omits the shift)
+        with paddle.no_grad():
+            latents = self.vae.encode(pixel_values).latent_dist.sample()
+            latents = (latents - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor
+            latents = latents.astype(self.weight_dtype)
+
+        # 3. solver index, noise, noisy input
+        noise = paddle.randn(latents.shape, dtype=latents.dtype)
+        index = paddle.randint(0, args.num_euler_timesteps, shape=[bsz], dtype="int64")
+        sigma = paddle.gather(solver.sigmas, index).reshape([bsz, 1, 1, 1]).astype(latents.dtype)
+        sigma_prev = paddle.gather(solver.sigmas_prev, index)
+        timesteps = paddle.gather(solver.sigmas, index) * T
+        timesteps_prev = sigma_prev * T
+        noisy = sigma * noise + (1.0 - sigma) * latents
+
+        # 4. student prediction (no gradient needed on D steps: the D loss sees it detached)
+        with self.autocast(), (nullcontext() if not is_d_step else paddle.no_grad()):
+            velocity = self.student(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+                                    pooled_projections=pooled).sample
+        prediction, end = solver.multiphase_jump(noisy, velocity.astype(noisy.dtype), index)
+
+        # 5. teacher with classifier-free guidance, cond and uncond in one batched pass; one Euler step
+        with paddle.no_grad():
+            guidance = args.w_min + (args.w_max - args.w_min) * paddle.rand([bsz])
+            with self.autocast():
+                if args.not_apply_cfg_solver:
+                    cond = self.teacher(hidden_states=noisy.astype("float32"), timestep=timesteps,
+                                        encoder_hidden_states=prompt_embeds.astype("float32"),
+                                        pooled_projections=pooled.astype("float32")).sample
+                    uncond = cond
+                else:
+                    both = self.teacher(
+                        hidden_states=paddle.concat([noisy, noisy]).astype("float32"),
+                        timestep=paddle.concat([timesteps, timesteps]),
+                        encoder_hidden_states=paddle.concat([prompt_embeds, self.uncond_embeds.expand(prompt_embeds.shape)]).astype("float32"),
+                        pooled_projections=paddle.concat([pooled, self.uncond_pooled.expand(pooled.shape)]).astype("float32"),
+                    ).sample
+                    cond, uncond = both[:bsz], both[bsz:]
+            teacher_velocity = cfg_velocity(cond.astype("float32"), uncond.astype("float32"), guidance)
+            x_prev = solver.euler_step(noisy.astype("float32"), teacher_velocity, index)
+
+            # 6. target: the same student, one solver step lower, jumped to the same phase start
+            with self.autocast():
+                target_velocity = self.student(hidden_states=x_prev.astype(self.weight_dtype), timestep=timesteps_prev,
+                                               encoder_hidden_states=prompt_embeds, pooled_projections=pooled).sample
+            target, _ = solver.multiphase_jump(x_prev, target_velocity.astype("float32"), index, is_target=True)
+
+        # 7. adversarial re-noising of target (real) and prediction (fake) to a time inside the phase
+        adv_index = solver.sample_adversarial_index(end)
+        t_adv = paddle.gather(solver.sigmas_prev, adv_index) * T
+        real = solver.adversarial_renoise(target, end, adv_index, paddle.randn(target.shape, dtype=target.dtype))
+        fake = solver.adversarial_renoise(prediction.astype("float32"), end, adv_index,
+                                          paddle.randn(target.shape, dtype="float32"))
+
+        # 8. discriminator (hinge) or generator (consistency + adversarial) loss
+        embeds32, pooled32 = prompt_embeds.astype("float32"), pooled.astype("float32")
+        with self.autocast():
+            if is_d_step:
+                d_loss = self.discriminator("d_loss", fake, real, t_adv, embeds32, pooled32)
+                return {"loss": d_loss.astype("float32"), "d_loss": d_loss}
+            g_loss = args.adv_weight * self.discriminator("g_loss", fake, t_adv, embeds32, pooled32)
+        loss_cm = consistency_loss(prediction, target, args.loss_type, args.huber_c)
+        return {"loss": loss_cm + g_loss.astype("float32"), "loss_cm": loss_cm, "g_loss": g_loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def count_samples(data_path: str) -> int:
+    """Samples with an image in ``--data_path``, from tar headers or file names (nothing is decoded)."""
+    import tarfile
+
+    from data import resolve_data_source
+
+    source = resolve_data_source(data_path)
+    if source.kind == "folder":
+        return len(source.units)
+    image_ext = (".jpg", ".jpeg", ".png", ".webp")
+    total = 0
+    for shard in source.units:
+        try:
+            with tarfile.open(shard, mode="r:") as archive:
+                total += len({m.name.rsplit(".", 1)[0] for m in archive if m.name.lower().endswith(image_ext)})
+        except (OSError, tarfile.TarError):
+            continue  # unreadable shards are counted as skipped by the data pipeline
+    return total
+
+
+def total_train_steps(args, world_size: int, log) -> int:
+    """--max_train_steps, else --num_train_epochs passes over the data (as the reference)."""
+    if args.max_train_steps is not None:
+        return args.max_train_steps
+    samples = count_samples(args.data_path)
+    per_step = args.train_batch_size * world_size * args.gradient_accumulation_steps
+    steps = args.num_train_epochs * max(1, math.ceil(samples / per_step))
+    log(f"--max_train_steps not given: {args.num_train_epochs} epoch(s) of {samples} samples -> {steps} steps")
+    return steps
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world_size = world()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        geometry = validate_args(args)
+    except ArgumentError as error:
+        print(f"{os.path.basename(__file__)}: error: {error}", file=sys.stderr)
+        return 2
+    warn_ignored_flags(args, log)
+    if world_size > 1:
+        dist.init_parallel_env()
+    device = paddle.get_device()
+    mixed = args.mixed_precision or "no"
+    weight_dtype = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}[mixed]
+    if args.enable_xformers_memory_efficient_attention and not device.startswith("gpu"):
+        log("warning: --enable_xformers_memory_efficient_attention: no fused attention on this device; using plain attention")
+    log(f"PCM-LoRA SD3: {world_size} process(es) on {device}, precision {mixed}, data: {geometry['data']}")
+    seed = args.seed if args.seed is not None else 0
+    set_seed(seed + rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    barrier()
+
+    # ---- models
+    from discriminator import Discriminator
+    from sd3_text_encoding import SD3PromptEncoder
+
+    tokenizers, text_encoders, vae, noise_scheduler, teacher, student = load_models(args, weight_dtype, log)
+    discriminator = Discriminator(teacher)
+    sigmas_ascending = noise_scheduler.sigmas.numpy()[::-1][: noise_scheduler.config.num_train_timesteps]
+    solver = EulerSolver(sigmas_ascending.copy(), args.num_euler_timesteps, args.multiphase)
+    encode = SD3PromptEncoder(tokenizers, text_encoders)
+    uncond = encode([""])  # computed once, broadcast to any batch size
+
+    # ---- optimizers, schedule, scaler
+    from ppdiffusers.optimization import get_scheduler
+
+    lora_params = [p for p in student.parameters() if not p.stop_gradient]
+    head_params = list(discriminator.parameters())
+    max_steps = total_train_steps(args, world_size, log)
+    lr_scheduler = get_scheduler(args.lr_scheduler, learning_rate=args.learning_rate, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_steps, num_cycles=args.lr_num_cycles, power=args.lr_power)
+    optimizer = paddle.optimizer.AdamW(
+        learning_rate=lr_scheduler, parameters=lora_params, beta1=args.adam_beta1, beta2=args.adam_beta2,
+        epsilon=args.adam_epsilon, weight_decay=args.adam_weight_decay,
+        grad_clip=paddle.nn.ClipGradByGlobalNorm(args.max_grad_norm))
+    adv_optimizer = paddle.optimizer.AdamW(
+        learning_rate=args.adv_lr, parameters=head_params, beta1=0.0, beta2=0.999, epsilon=args.adam_epsilon,
+        weight_decay=args.adam_weight_decay, grad_clip=paddle.nn.ClipGradByGlobalNorm(args.max_grad_norm))
+    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**16) if weight_dtype == "float16" else None
+
+    # ---- data
+    from data import DataTracker, build_train_dataloader
+
+    run_layout = {"world_size": world_size, "train_batch_size": args.train_batch_size,
+                  "gradient_accumulation_steps": args.gradient_accumulation_steps, "lora_rank": args.lora_rank,
+                  "resolution": args.resolution, "transformer_layers": teacher.config.num_layers,
+                  "transformer_width": teacher.inner_dim}
+    global_step, data_resume, nonfinite_total = 0, None, 0
+    resume_path = None
+    if args.resume_from_checkpoint:
+        try:
+            resume_path = checkpointing.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, warn=log)
+            if resume_path is not None:
+                saved = checkpointing.read_checkpoint_state(resume_path)
+                checkpointing.check_compatible(saved, run_layout, resume_path)
+        except checkpointing.CheckpointError as error:
+            print(f"{os.path.basename(__file__)}: error: {error}", file=sys.stderr)
+            return 2
+        if resume_path is None:
+            log(f"no checkpoint in {args.output_dir}: starting fresh")
+        else:
+            from ppdiffusers.peft import set_peft_model_state_dict
+            from ppdiffusers.utils import smart_load
+
+            lora_state = smart_load(os.path.join(resume_path, pcm_lora.LORA_WEIGHT_NAME))
+            lora_state = {k[len("transformer."):]: v for k, v in lora_state.items() if k.startswith("transformer.")}
+            set_peft_model_state_dict(student, lora_state)
+            discriminator.set_state_dict(paddle.load(os.path.join(resume_path, "discriminator_heads.pdparams")))
+            optimizer.set_state_dict(paddle.load(os.path.join(resume_path, "optimizer.pdopt")))
+            adv_optimizer.set_state_dict(paddle.load(os.path.join(resume_path, "adv_optimizer.pdopt")))
+            lr_scheduler.set_state_dict(paddle.load(os.path.join(resume_path, "lr_scheduler.pdparams")))
+            if scaler is not None and os.path.exists(os.path.join(resume_path, "grad_scaler.pdparams")):
+                scaler.load_state_dict(paddle.load(os.path.join(resume_path, "grad_scaler.pdparams")))
+            rank_state = checkpointing.load_rank_state(resume_path, rank)
+            checkpointing.restore_rng_state(rank_state["rng"])
+            data_resume = rank_state["data"]
+            global_step = int(saved["global_step"])
+            nonfinite_total = int(saved.get("nonfinite_steps", 0))
+            log(f"resumed from {resume_path} at step {global_step}")
+
+    loader = build_train_dataloader(
+        args.data_path, args.resolution, args.train_batch_size, num_workers=args.dataloader_num_workers, seed=seed,
+        center_crop=args.center_crop, random_flip=args.random_flip, min_image_size=args.min_image_size,
+        rank=rank, world_size=world_size, resume_state=data_resume)
+    tracker = DataTracker(loader.dataset)
+    batches = iter(loader)
+
+    # ---- data parallel wrappers on what trains
+    student_dp, discriminator_dp = student, discriminator
+    if world_size > 1:
+        student_dp = paddle.DataParallel(student)
+        discriminator_dp = paddle.DataParallel(discriminator)
+    step_fn = PCMStep(args, solver, encode, uncond, vae, teacher, student_dp, discriminator_dp, weight_dtype,
+                      amp=weight_dtype != "float32")
+
+    def save(step: int) -> str:
+        def write_shared(folder):
+            pcm_lora.save_lora(student, folder, pdparams_copy=False)
+            paddle.save(discriminator.state_dict(), os.path.join(folder, "discriminator_heads.pdparams"))
+            paddle.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pdopt"))
+            paddle.save(adv_optimizer.state_dict(), os.path.join(folder, "adv_optimizer.pdopt"))
+            paddle.save(lr_scheduler.state_dict(), os.path.join(folder, "lr_scheduler.pdparams"))
+            files = [pcm_lora.LORA_WEIGHT_NAME, "discriminator_heads.pdparams", "optimizer.pdopt",
+                     "adv_optimizer.pdopt", "lr_scheduler.pdparams", "training_args.json"]
+            if scaler is not None:
+                paddle.save(scaler.state_dict(), os.path.join(folder, "grad_scaler.pdparams"))
+                files.append("grad_scaler.pdparams")
+            with open(os.path.join(folder, "training_args.json"), "w", encoding="utf-8") as f:
+                json.dump(vars(args), f, indent=2)
+            return files
+
+        return checkpointing.save_checkpoint(
+            args.output_dir, step, rank, world_size, barrier, write_shared,
+            {"rng": checkpointing.capture_rng_state(), "data": tracker.state_dict()},
+            {**run_layout, "nonfinite_steps": nonfinite_total}, args.checkpoints_total_limit, log)
+
+    stop_requested = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop_requested["signal"] = signum
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    # ---- loop
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=rank != 0, dynamic_ncols=True)
+    metrics_path = os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(os.path.dirname(metrics_path), exist_ok=True)
+    consecutive_nonfinite, postfix = 0, {}
+    accum = args.gradient_accumulation_steps
+    while global_step < max_steps:
+        started = time.time()
+        is_d_step = global_step % 2 == 0
+        model_dp = discriminator_dp if is_d_step else student_dp
+        opt = adv_optimizer if is_d_step else optimizer
+        adv_optimizer.clear_grad(set_to_zero=False)  # heads' gradients from G steps never reach a D update
+        optimizer.clear_grad(set_to_zero=False)
+        logs, finite = {}, True
+        for micro in range(accum):
+            batch = next(batches)
+            tracker.update(batch)
+            sync = micro == accum - 1 or world_size == 1
+            with (nullcontext() if sync else model_dp.no_sync()):
+                out = step_fn(batch, is_d_step)
+                loss = out["loss"] / accum
+                finite = finite and bool(paddle.isfinite(loss).item())
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            for key, value in out.items():
+                if key != "loss":
+                    logs[key] = logs.get(key, 0.0) + float(value.item()) / accum
+        if any_rank(not finite):  # every rank skips together, so no collective is left waiting
+            consecutive_nonfinite += 1
+            nonfinite_total += 1
+            log(f"warning: non-finite loss at step {global_step}; update skipped ({consecutive_nonfinite} in a row)")
+            if scaler is not None:
+                scaler.update()
+        else:
+            consecutive_nonfinite = 0
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            if not is_d_step:
+                lr_scheduler.step()
+        adv_optimizer.clear_grad(set_to_zero=False)
+        optimizer.clear_grad(set_to_zero=False)
+        global_step += 1
+
+        logs["lr"] = float(optimizer.get_lr())
+        postfix.update({k: f"{v:.4g}" for k, v in logs.items()})
+        progress.set_postfix(postfix, refresh=False)
+        progress.update(1)
+        if rank == 0:
+            record = {"step": global_step, **logs, "skipped_samples": sum(tracker.skipped().values()),
+                      "time_per_step": time.time() - started}
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if global_step % 100 == 0 and tracker.skipped():
+                progress.write(f"step {global_step}: skipped samples on rank 0: {tracker.skipped()}")
+
+        if consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+            path = save(global_step)
+            print(f"error: {consecutive_nonfinite} non-finite losses in a row at step {global_step}; stopped after saving "
+                  f"{path}. Lower --learning_rate/--adv_lr or use --mixed_precision bf16/no.", file=sys.stderr)
+            return 3
+        if any_rank(stop_requested["signal"] is not None):
+            path = save(global_step)
+            log(f"stop requested (signal): saved {path}; resume with --resume_from_checkpoint latest")
+            return 0
+        if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+            save(global_step)
+    progress.close()
+
+    # ---- final output
+    barrier()
+    if rank == 0:
+        path = pcm_lora.save_lora(student, args.output_dir)
+        with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as f:
+            json.dump(vars(args), f, indent=2)
+        log(f"saved LoRA to {path}; load it with pipe.load_lora_weights(...) and "
+            f"joint_attention_kwargs={{'scale': {pcm_lora.inference_lora_scale(args.lora_rank)}}}")
+        skipped = tracker.skipped()
+        if skipped:
+            log(f"skipped samples on rank 0: {skipped}")
+    barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
