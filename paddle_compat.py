@@ -2,7 +2,7 @@
 
 Every entry point of this project (trainer, scheduler modules, scripts) imports
 this module first; importing it calls :func:`apply`, which closes the three gaps
-measured in ENVIRONMENT.md and a fourth found while building the trainer:
+measured in ENVIRONMENT.md and two more found while building the trainer:
 
 1. ``ppdiffusers.peft`` calls ``.keys()/.items()/.values()`` on
    ``paddle.nn.ParameterDict``, which Paddle 3 no longer provides.
@@ -18,6 +18,10 @@ measured in ENVIRONMENT.md and a fourth found while building the trainer:
    ``(encoder_hidden_states, hidden_states)`` pair a block returns to
    ``hidden_states`` and fails in the next block (``--gradient_checkpointing``).
 
+5. ``StableDiffusion3Pipeline`` checks for prompt truncation with
+   ``paddle.equal(ids, untruncated_ids)`` (a port of ``torch.equal``); on Paddle 3
+   that raises for tensors of different lengths, so any prompt over 77 tokens fails.
+
 ``apply()`` is idempotent and each shim is a no-op where it is not needed.
 It also sets ``USE_PEFT_BACKEND=True`` (the seed snippet's setting) unless the
 user chose otherwise, before ppdiffusers is first imported.
@@ -31,9 +35,6 @@ os.environ.setdefault("USE_PEFT_BACKEND", "True")
 
 import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
-
-_APPLIED = False
-
 
 # --- 1. ParameterDict mapping methods ---------------------------------------------------
 def _patch_parameter_dict() -> bool:
@@ -195,9 +196,33 @@ def _patch_sd3_checkpointing() -> bool:
     return True
 
 
+# --- 5. SD3 pipeline prompts over 77 tokens ----------------------------------------------
+class _PaddleWithTorchEqual:
+    """The ``paddle`` module as the SD3 pipeline module sees it, with ``equal`` meaning
+    ``torch.equal`` (same shape and all elements equal -> one bool), as the ported code expects."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    @staticmethod
+    def equal(x, y):
+        return list(x.shape) == list(y.shape) and bool(paddle.equal_all(x, y).item())
+
+
+def _patch_sd3_prompt_truncation() -> bool:
+    from ppdiffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3 as module
+
+    if isinstance(module.paddle, _PaddleWithTorchEqual):
+        return False
+    module.paddle = _PaddleWithTorchEqual(module.paddle)
+    return True
+
+
 def apply() -> dict:
     """Apply every shim (idempotent). Returns which ones changed something on this call."""
-    global _APPLIED
     import ppdiffusers  # noqa: F401  (defines its own attention first where it can)
 
     changed = {
@@ -205,8 +230,8 @@ def apply() -> dict:
         "scaled_dot_product_attention_": _patch_sdpa(),
         "sd3_lora_rank": _patch_sd3_lora_rank(),
         "sd3_gradient_checkpointing": _patch_sd3_checkpointing(),
+        "sd3_long_prompts": _patch_sd3_prompt_truncation(),
     }
-    _APPLIED = True
     return changed
 
 

@@ -48,6 +48,12 @@ try:
     report["checkpointing"] = "ok" if x.grad is not None else "no grad"
 except Exception as e:
     report["checkpointing"] = f"{type(e).__name__}: {e}"
+try:
+    pipe = StableDiffusion3Pipeline.from_pretrained(model)
+    pipe(prompt=" ".join(["red dog"] * 60), num_inference_steps=1, height=32, width=32, output_type="np")
+    report["long_prompt"] = "ok"
+except Exception as e:
+    report["long_prompt"] = f"{type(e).__name__}: {e}"
 if sys.argv[2] == "without":  # close gaps 1 and 2 by hand (not via paddle_compat) to reach gap 3
     PD = paddle.nn.ParameterDict
     PD.keys, PD.items, PD.values = (lambda s: s._parameters.keys()), (lambda s: s._parameters.items()), (lambda s: s._parameters.values())
@@ -92,6 +98,7 @@ def test_gaps_exist_without_the_layer(probes):
     assert "ParameterDict" in without["add_adapter"] and "keys" in without["add_adapter"]
     assert "scaled_dot_product_attention_" in without["forward"]
     assert without["checkpointing"] != "ok"
+    assert "Broadcast dimension mismatch" in without["long_prompt"]
     assert without["reload_max_abs_diff"] > 1e-3
 
 
@@ -100,6 +107,7 @@ def test_layer_closes_every_gap(probes):
     assert with_layer["add_adapter"] == "ok"
     assert with_layer["forward"] == "ok"
     assert with_layer["checkpointing"] == "ok"
+    assert with_layer["long_prompt"] == "ok"
     assert with_layer["reload_max_abs_diff"] <= 1e-5
 
 

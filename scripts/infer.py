@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Generate images with an SD3 teacher, a PCM LoRA and a PCM scheduler (the seed snippet as a CLI).
+
+    python scripts/infer.py --pretrained_teacher_model stabilityai/stable-diffusion-3-medium-diffusers \\
+        --lora outputs/run/paddle_lora_weights.safetensors --num_inference_steps 4 --output out.png
+
+Prints one JSON line with what it wrote. fp16 on GPU, fp32 on CPU (fp16 has no CPU kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import paddle_compat  # noqa: E402,F401  (before ppdiffusers)
+import paddle  # noqa: E402
+
+from pcm_fm_deterministic_scheduler import PCMFMDeterministicScheduler  # noqa: E402
+from pcm_fm_stochastic_scheduler import PCMFMStochasticScheduler  # noqa: E402
+import pcm_lora  # noqa: E402
+
+DEFAULT_PROMPT = (
+    "portrait photo of a girl, photograph, highly detailed face, depth of field, moody light, golden hour, "
+    "style by Dan Winters, Russell James, Steve McCurry, centered, extremely detailed, Nikon D850, "
+    "award winning photography"
+)
+
+
+def default_lora_scale(lora: str | None) -> float:
+    """alpha / rank from the training run's training_args.json beside the LoRA, else 0.25 (rank 32)."""
+    if lora:
+        folder = lora if os.path.isdir(lora) else os.path.dirname(lora)
+        args_file = os.path.join(folder, "training_args.json")
+        if os.path.isfile(args_file):
+            with open(args_file, encoding="utf-8") as f:
+                return pcm_lora.inference_lora_scale(int(json.load(f)["lora_rank"]))
+    return 0.25
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained_teacher_model", required=True, help="SD3 folder or hub id")
+    p.add_argument("--lora", default=None, help="LoRA .safetensors/.pdparams file or a folder with one (none: the teacher)")
+    p.add_argument("--prompt", action="append", default=None, help="repeatable; default: the seed's portrait prompt")
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--num_inference_steps", type=int, default=4)
+    p.add_argument("--shift", type=float, default=None, help="default: the teacher scheduler's shift")
+    p.add_argument("--pcm_timesteps", type=int, default=50, help="PCM grid size the LoRA was trained with (--num_euler_timesteps)")
+    p.add_argument("--scheduler", choices=["deterministic", "stochastic"], default="deterministic")
+    p.add_argument("--lora_scale", type=float, default=None, help="default: lora_alpha / rank of the run (0.25 for rank 32)")
+    p.add_argument("--guidance_scale", type=float, default=1.2)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--dtype", choices=["float16", "float32"], default=None, help="default: float16 on GPU, float32 on CPU")
+    p.add_argument("--output", default="pcm.png", help="PNG path; with several prompts, -0, -1 ... are appended")
+    args = p.parse_args(argv)
+
+    from ppdiffusers import StableDiffusion3Pipeline
+
+    dtype = args.dtype or ("float16" if paddle.get_device().startswith("gpu") else "float32")
+    shift = args.shift
+    if shift is None:
+        config_file = os.path.join(args.pretrained_teacher_model, "scheduler", "scheduler_config.json")
+        shift = json.load(open(config_file))["shift"] if os.path.isfile(config_file) else 3.0
+    scheduler_cls = PCMFMDeterministicScheduler if args.scheduler == "deterministic" else PCMFMStochasticScheduler
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        args.pretrained_teacher_model, scheduler=scheduler_cls(1000, shift, args.pcm_timesteps),
+        map_location="cpu", paddle_dtype=getattr(paddle, dtype))
+    kwargs = {}
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
+        kwargs["joint_attention_kwargs"] = {"scale": args.lora_scale if args.lora_scale is not None else default_lora_scale(args.lora)}
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    written = []
+    for i, prompt in enumerate(prompts):
+        with paddle.no_grad():
+            image = pipe(prompt=prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
+                         guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                         generator=paddle.Generator().manual_seed(args.seed), **kwargs).images[0]
+        stem, ext = os.path.splitext(args.output)
+        path = args.output if len(prompts) == 1 else f"{stem}-{i}{ext or '.png'}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        image.save(path)
+        written.append(path)
+    print(json.dumps({"images": written, "steps": args.num_inference_steps, "shift": shift,
+                      "lora": args.lora, "lora_scale": kwargs.get("joint_attention_kwargs", {}).get("scale")}))
+
+
+if __name__ == "__main__":
+    main()
