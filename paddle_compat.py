@@ -30,8 +30,12 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 os.environ.setdefault("USE_PEFT_BACKEND", "True")
+# Import-time noise of Paddle's wheel on machines without ccache; not actionable for users.
+warnings.filterwarnings("ignore", message="No ccache found")
+warnings.filterwarnings("ignore", message="Setuptools is replacing distutils")
 
 import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402

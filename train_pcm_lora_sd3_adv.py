@@ -33,6 +33,7 @@ import paddle.distributed as dist  # noqa: E402
 
 import checkpointing  # noqa: E402
 import pcm_lora  # noqa: E402
+from tracking import quiet_library_logging  # noqa: E402
 from pcm_solver import EulerSolver, cfg_velocity, consistency_loss  # noqa: E402
 
 DEFAULT_VALIDATION_PROMPT = (
@@ -263,6 +264,19 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item() > 0)
 
 
+def check_ranks_in_sync(params, what: str) -> None:
+    """Data parallel ranks must hold identical trainable weights; compare a fingerprint of them."""
+    if dist.get_world_size() == 1:
+        return
+    flat = paddle.concat([p.astype("float64").flatten() for p in params])
+    weights = paddle.arange(flat.shape[0], dtype="float64") % 1013 + 1
+    fingerprint = paddle.stack([flat.sum(), flat.abs().sum(), (flat * weights).sum()])
+    gathered = []
+    dist.all_gather(gathered, fingerprint)
+    if any(not bool(paddle.equal_all(g, gathered[0]).item()) for g in gathered):
+        raise RuntimeError(f"{what} differ between ranks: {[g.numpy().tolist() for g in gathered]}")
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -439,15 +453,35 @@ def total_train_steps(args, world_size: int, log) -> int:
 
 
 def main(argv=None) -> int:
+    """Parse, check, train. Returns the process exit code (2: bad arguments or checkpoint)."""
     args = parse_args(argv)
-    rank, world_size = world()
-    log = print if rank == 0 else (lambda *a, **k: None)
     try:
         geometry = validate_args(args)
     except ArgumentError as error:
         print(f"{os.path.basename(__file__)}: error: {error}", file=sys.stderr)
         return 2
+    try:
+        return train(args, geometry).exit_code
+    except checkpointing.CheckpointError as error:
+        print(f"{os.path.basename(__file__)}: error: {error}", file=sys.stderr)
+        return 2
+
+
+class TrainResult:
+    """What a run leaves behind in memory (for tests and tools): the models and the exit code."""
+
+    def __init__(self, exit_code, global_step, student, discriminator, tracker):
+        self.exit_code, self.global_step = exit_code, global_step
+        self.student, self.discriminator, self.tracker = student, discriminator, tracker
+
+
+def train(args, geometry: dict, on_step=None) -> TrainResult:
+    """The training run. ``on_step(global_step, is_d_step, student, discriminator)`` is called
+    after every optimizer step (tests use it to watch which weights change)."""
+    rank, world_size = world()
+    log = print if rank == 0 else (lambda *a, **k: None)
     warn_ignored_flags(args, log)
+    quiet_library_logging()
     if world_size > 1:
         dist.init_parallel_env()
     device = paddle.get_device()
@@ -499,14 +533,10 @@ def main(argv=None) -> int:
     global_step, data_resume, nonfinite_total = 0, None, 0
     resume_path = None
     if args.resume_from_checkpoint:
-        try:
-            resume_path = checkpointing.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, warn=log)
-            if resume_path is not None:
-                saved = checkpointing.read_checkpoint_state(resume_path)
-                checkpointing.check_compatible(saved, run_layout, resume_path)
-        except checkpointing.CheckpointError as error:
-            print(f"{os.path.basename(__file__)}: error: {error}", file=sys.stderr)
-            return 2
+        resume_path = checkpointing.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, warn=log)
+        if resume_path is not None:
+            saved = checkpointing.read_checkpoint_state(resume_path)
+            checkpointing.check_compatible(saved, run_layout, resume_path)
         if resume_path is None:
             log(f"no checkpoint in {args.output_dir}: starting fresh")
         else:
@@ -620,6 +650,8 @@ def main(argv=None) -> int:
         adv_optimizer.clear_grad(set_to_zero=False)
         optimizer.clear_grad(set_to_zero=False)
         global_step += 1
+        if on_step is not None:
+            on_step(global_step, is_d_step, student, discriminator)
 
         logs["lr"] = float(optimizer.get_lr())
         postfix.update({k: f"{v:.4g}" for k, v in logs.items()})
@@ -637,16 +669,18 @@ def main(argv=None) -> int:
             path = save(global_step)
             print(f"error: {consecutive_nonfinite} non-finite losses in a row at step {global_step}; stopped after saving "
                   f"{path}. Lower --learning_rate/--adv_lr or use --mixed_precision bf16/no.", file=sys.stderr)
-            return 3
+            return TrainResult(3, global_step, student, discriminator, tracker)
         if any_rank(stop_requested["signal"] is not None):
             path = save(global_step)
             log(f"stop requested (signal): saved {path}; resume with --resume_from_checkpoint latest")
-            return 0
+            return TrainResult(0, global_step, student, discriminator, tracker)
         if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
             save(global_step)
     progress.close()
 
     # ---- final output
+    check_ranks_in_sync(lora_params, "LoRA weights")
+    check_ranks_in_sync(head_params, "discriminator heads")
     barrier()
     if rank == 0:
         path = pcm_lora.save_lora(student, args.output_dir)
@@ -658,7 +692,7 @@ def main(argv=None) -> int:
         if skipped:
             log(f"skipped samples on rank 0: {skipped}")
     barrier()
-    return 0
+    return TrainResult(0, global_step, student, discriminator, tracker)
 
 
 if __name__ == "__main__":

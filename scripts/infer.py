@@ -21,6 +21,7 @@ import paddle  # noqa: E402
 from pcm_fm_deterministic_scheduler import PCMFMDeterministicScheduler  # noqa: E402
 from pcm_fm_stochastic_scheduler import PCMFMStochasticScheduler  # noqa: E402
 import pcm_lora  # noqa: E402
+from tracking import quiet_library_logging  # noqa: E402
 
 DEFAULT_PROMPT = (
     "portrait photo of a girl, photograph, highly detailed face, depth of field, moody light, golden hour, "
@@ -61,6 +62,7 @@ def main(argv=None) -> None:
 
     from ppdiffusers import StableDiffusion3Pipeline
 
+    quiet_library_logging()
     dtype = args.dtype or ("float16" if paddle.get_device().startswith("gpu") else "float32")
     shift = args.shift
     if shift is None:

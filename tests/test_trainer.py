@@ -1,0 +1,224 @@
+"""The trainer end to end on the tiny teacher and tiny shards (CPU)."""
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+from conftest import REPO, run_python
+
+import pcm_lora
+import train_pcm_lora_sd3_adv as trainer
+
+# The seed command of the Paddle port's README, flag for flag (including the `--tracker_project_nam`
+# prefix), with tiny sizes for CPU: precision no, resolution 64, 8 steps, 2 CPU ranks.
+SEED_FLAGS = {
+    "--tracker_project_nam": "lora_64_formal_fuyun_PCM_sd3_202503191011",
+    "--mixed_precision": "no", "--resolution": "64", "--lora_rank": "32", "--learning_rate": "5e-6",
+    "--loss_type": "huber", "--adam_weight_decay": "1e-3", "--max_train_steps": "8",
+    "--dataloader_num_workers": "1", "--w_min": "4", "--w_max": "5", "--validation_steps": "1000",
+    "--checkpointing_steps": "4", "--checkpoints_total_limit": "10", "--train_batch_size": "2",
+    "--gradient_accumulation_steps": "1", "--resume_from_checkpoint": "latest", "--seed": "453645634",
+    "--num_euler_timesteps": "100", "--multiphase": "4", "--adv_weight": "0.1", "--adv_lr": "1e-5",
+    "--report_to": "none",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_cc3m(tmp_path_factory):
+    from make_tiny_cc3m import make_tiny_cc3m
+
+    out = str(tmp_path_factory.mktemp("cc3m"))
+    make_tiny_cc3m(out, num_shards=4, samples_per_shard=6, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixed_data(tmp_path_factory):
+    """One shard of 4 square images: the 'fixed small dataset' of the learning-signal test."""
+    from make_tiny_cc3m import make_tiny_cc3m
+
+    out = str(tmp_path_factory.mktemp("fixed"))
+    make_tiny_cc3m(out, num_shards=1, samples_per_shard=4, min_size=64, max_size=64, seed=1)
+    return out
+
+
+def flags(mapping):
+    return [item for pair in mapping.items() for item in pair]
+
+
+def test_seed_command_shape_under_distributed_launch(tiny_sd3, tiny_cc3m, tmp_path):
+    out = tmp_path / "run"
+    argv = ["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "logs"),
+            "train_pcm_lora_sd3_adv.py", "--data_path", tiny_cc3m, "--pretrained_teacher_model", tiny_sd3,
+            "--output_dir", str(out), *flags(SEED_FLAGS)]
+    result = run_python(argv)
+    worker_logs = "".join((tmp_path / "logs" / f"workerlog.{r}").read_text(errors="replace") for r in range(2))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:] + worker_logs[-3000:]
+    assert (out / "paddle_lora_weights.safetensors").is_file() and (out / "paddle_lora_weights.pdparams").is_file()
+    saved_args = json.loads((out / "training_args.json").read_text())
+    assert saved_args["tracker_project_name"] == SEED_FLAGS["--tracker_project_nam"]
+    assert saved_args["w_min"] == 4.0 and saved_args["multiphase"] == 4
+    assert sorted(os.listdir(out / "checkpoint-4")) and not (out / "checkpoint-8").exists()
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(("d_loss" in r) == (r["step"] % 2 == 1) for r in rows)  # steps 0, 2, ... (logged as 1, 3, ...) are D steps
+    assert all(np.isfinite(r.get("d_loss", r.get("loss_cm"))) for r in rows)
+    assert "no checkpoint in" in worker_logs  # --resume_from_checkpoint latest on an empty output_dir starts fresh
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_sd3, fixed_data, tmp_path_factory):
+    """A 60-step single-process run on the fixed data, watching which weights change at each step."""
+    out = str(tmp_path_factory.mktemp("learn"))
+    args = trainer.parse_args(["--pretrained_teacher_model", tiny_sd3, "--data_path", fixed_data, "--output_dir", out,
+                               "--resolution", "64", "--train_batch_size", "4", "--max_train_steps", "60",
+                               "--seed", "1", "--learning_rate", "3e-3", "--lora_rank", "8",
+                               "--checkpointing_steps", "1000", "--report_to", "none"])
+    geometry = trainer.validate_args(args)
+    changes = []
+    state = {}
+
+    def snapshot(student, discriminator):
+        lora = np.concatenate([p.numpy().ravel() for p in student.parameters() if not p.stop_gradient])
+        heads = np.concatenate([p.numpy().ravel() for p in discriminator.parameters()])
+        return lora, heads
+
+    def on_step(step, is_d_step, student, discriminator):
+        lora, heads = snapshot(student, discriminator)
+        if "lora" in state:
+            changes.append((is_d_step, not np.array_equal(lora, state["lora"]), not np.array_equal(heads, state["heads"])))
+        state["lora"], state["heads"] = lora, heads
+
+    result = trainer.train(args, geometry, on_step=on_step)
+    return dict(args=args, result=result, changes=changes, out=out)
+
+
+def _fixed_consistency_loss(args, student):
+    """Mean consistency loss of ``student`` over 8 fixed draws (seeded) on one fixed batch."""
+    from data import build_one_pass_dataloader
+    from discriminator import Discriminator
+    from pcm_solver import EulerSolver
+    from sd3_text_encoding import SD3PromptEncoder
+
+    tokenizers, encoders, vae, scheduler, teacher, _ = trainer.load_models(args, "float32", lambda *a: None)
+    encode = SD3PromptEncoder(tokenizers, encoders)
+    solver = EulerSolver(scheduler.sigmas.numpy()[::-1][:1000].copy(), args.num_euler_timesteps, args.multiphase)
+    step = trainer.PCMStep(args, solver, encode, encode([""]), vae, teacher, student, Discriminator(teacher), "float32", False)
+    batch = next(iter(build_one_pass_dataloader(args.data_path, args.resolution, batch_size=4)))
+    losses = []
+    for draw in range(8):
+        paddle.seed(100 + draw)
+        with paddle.no_grad():
+            losses.append(float(step(batch, is_d_step=False)["loss_cm"]))
+    return float(np.mean(losses))
+
+
+def test_consistency_loss_falls(learned):
+    student = learned["result"].student
+    after = _fixed_consistency_loss(learned["args"], student)
+    lora_b = {name: param for name, param in student.named_parameters() if "lora_B" in name}
+    trained = {name: param.numpy() for name, param in lora_b.items()}
+    try:
+        for param in lora_b.values():  # lora_B = 0 is the untrained student (it equals the teacher)
+            param.set_value(paddle.zeros_like(param))
+        before = _fixed_consistency_loss(learned["args"], student)
+    finally:
+        for name, param in lora_b.items():
+            param.set_value(paddle.to_tensor(trained[name]))
+    assert after < 0.75 * before, (before, after)
+
+
+def test_lora_changes_only_on_g_steps_and_heads_only_on_d_steps(learned):
+    changes = learned["changes"]
+    assert len(changes) == 59
+    for is_d_step, lora_changed, heads_changed in changes:
+        assert lora_changed == (not is_d_step)
+        assert heads_changed == is_d_step
+
+
+def test_saved_lora_reproduces_the_trained_student(learned, tiny_sd3):
+    from ppdiffusers import StableDiffusion3Pipeline
+
+    student = learned["result"].student
+    rng = np.random.default_rng(3)
+    config = student.config
+    inputs = dict(
+        hidden_states=paddle.to_tensor(rng.standard_normal([2, 16, 8, 8]).astype("float32")),
+        timestep=paddle.to_tensor([800.0, 120.0]),
+        encoder_hidden_states=paddle.to_tensor(rng.standard_normal([2, 154, config.joint_attention_dim]).astype("float32")),
+        pooled_projections=paddle.to_tensor(rng.standard_normal([2, config.pooled_projection_dim]).astype("float32")),
+    )
+    with paddle.no_grad():
+        trained = student(**inputs).sample.numpy()
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    with paddle.no_grad():
+        base = pipe.transformer(**inputs).sample.numpy()
+    pipe.load_lora_weights(os.path.join(learned["out"], "paddle_lora_weights.safetensors"))
+    scale = pcm_lora.inference_lora_scale(learned["args"].lora_rank)
+    with paddle.no_grad():
+        reloaded = pipe.transformer(**inputs, joint_attention_kwargs={"scale": scale}).sample.numpy()
+    assert np.abs(reloaded - trained).max() <= 1e-5
+    assert np.abs(trained - base).max() > 1e-4  # the LoRA did change the model
+
+
+@pytest.mark.parametrize(
+    "override,flag",
+    [
+        ({"--pretrained_teacher_model": "/nonexistent/sd3"}, "--pretrained_teacher_model"),
+        ({"--pretrained_teacher_model": REPO}, "--pretrained_teacher_model"),  # exists, not an SD3 folder
+        ({"--data_path": "/nonexistent/cc3m"}, "--data_path"),
+        ({"--resolution": "72"}, "--resolution"),
+        ({"--multiphase": "0"}, "--multiphase"),
+        ({"--multiphase": "200"}, "--multiphase"),
+        ({"--num_euler_timesteps": "30"}, "--num_euler_timesteps"),
+        ({"--w_min": "5", "--w_max": "4"}, "--w_min"),
+        ({"--learning_rate": "0"}, "--learning_rate"),
+        ({"--adv_lr": "0"}, "--adv_lr"),
+        ({"--train_batch_size": "0"}, "--train_batch_size"),
+        ({"--checkpoints_total_limit": "0"}, "--checkpoints_total_limit"),
+        ({"--mixed_precision": "fp16"}, "--mixed_precision fp16"),
+        ({"--mixed_precision": "bf16"}, "--mixed_precision bf16"),
+    ],
+)
+def test_bad_flags_fail_fast_with_one_line(override, flag, tiny_sd3, tiny_cc3m, tmp_path, capsys):
+    if flag.startswith("--mixed_precision") and paddle.get_device().startswith("gpu"):
+        pytest.skip("this machine has a GPU: fp16/bf16 are valid here")
+    base = {"--pretrained_teacher_model": tiny_sd3, "--data_path": tiny_cc3m, "--output_dir": str(tmp_path / "o"),
+            "--resolution": "64", "--max_train_steps": "1"}
+    code = trainer.main(flags({**base, **override}))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and flag in err, err
+    assert not (tmp_path / "o").exists()  # failed before anything was loaded or written
+
+
+def test_data_path_with_nothing_usable(tiny_sd3, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = trainer.main(["--pretrained_teacher_model", tiny_sd3, "--data_path", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--data_path" in err and len(err.strip().splitlines()) == 1
+
+
+def test_reference_only_flags_are_accepted_with_a_warning(tiny_sd3, tiny_cc3m, tmp_path, capsys):
+    args = trainer.parse_args(["--pretrained_teacher_model", tiny_sd3, "--data_path", tiny_cc3m, "--use_8bit_adam",
+                               "--allow_tf32", "--push_to_hub", "--optimizer", "prodigy",
+                               "--enable_xformers_memory_efficient_attention", "--local_rank", "0"])
+    lines = []
+    trainer.warn_ignored_flags(args, lines.append)
+    joined = "\n".join(lines)
+    for name in ("--use_8bit_adam", "--allow_tf32", "--push_to_hub", "--optimizer prodigy"):
+        assert name in joined
+    assert all(len(line.splitlines()) == 1 for line in lines)
+
+
+def test_defaults_match_the_reference():
+    args = trainer.parse_args(["--pretrained_teacher_model", "x/y", "--data_path", "d"])
+    expected = dict(num_euler_timesteps=50, multiphase=8, adv_weight=0.1, adv_lr=1e-5, loss_type="l2", huber_c=0.001,
+                    learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=500, adam_beta1=0.9, adam_beta2=0.999,
+                    adam_weight_decay=1e-4, adam_epsilon=1e-8, max_grad_norm=1.0, lora_rank=4, resolution=1024,
+                    train_batch_size=4, num_train_epochs=1, checkpointing_steps=500, validation_steps=50,
+                    num_validation_images=4, report_to="tensorboard", tracker_project_name="text2image-fine-tune",
+                    output_dir="sd3-dreambooth", dataloader_num_workers=0, gradient_accumulation_steps=1,
+                    w_min=3.0, w_max=3.0)
+    assert {k: getattr(args, k) for k in expected} == expected
