@@ -1,7 +1,20 @@
-"""Logging and experiment tracking for the trainer and the scripts."""
+"""Logging and experiment tracking for the trainer and the scripts.
+
+``--report_to``: ``wandb``, ``visualdl``, ``tensorboard`` (Paddle's equivalent, VisualDL, whose
+logs TensorBoard-style dashboards read: it maps to ``visualdl``), ``all`` (wandb and VisualDL) or
+``none``. Whatever the choice, every logged scalar also goes to ``output_dir/<logging_dir>/metrics.jsonl``,
+one JSON object per step. wandb honours ``WANDB_MODE=offline`` and ``WANDB_DIR`` (default: the logging
+dir); credentials come from wandb's own login and are never printed or stored by us.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import os
+
+import numpy as np
+
+TRACKERS = ("wandb", "visualdl", "tensorboard", "all", "none")
 
 
 def quiet_library_logging() -> None:
@@ -13,3 +26,59 @@ def quiet_library_logging() -> None:
     ppdiffusers_logging.set_verbosity_warning()
     paddlenlp_logger.set_level("WARNING")
     logging.getLogger("PaddleNLP").setLevel(logging.WARNING)
+
+
+def resolve_trackers(report_to: str) -> list:
+    """``--report_to`` as a list of backends; raises ValueError for an unknown name."""
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown or not names:
+        raise ValueError(f"--report_to: unknown tracker {', '.join(unknown) or repr(report_to)}; choose from {', '.join(TRACKERS)}")
+    chosen = set()
+    for name in names:
+        chosen |= {"all": {"wandb", "visualdl"}, "tensorboard": {"visualdl"}, "none": set()}.get(name, {name})
+    return sorted(chosen)
+
+
+class Trackers:
+    """The trackers of rank 0 plus the always-on ``metrics.jsonl``."""
+
+    def __init__(self, report_to: str, log_dir: str, project: str, config: dict):
+        self.backends = resolve_trackers(report_to)
+        os.makedirs(log_dir, exist_ok=True)
+        self.metrics_path = os.path.join(log_dir, "metrics.jsonl")
+        self._wandb = self._visualdl = None
+        if "wandb" in self.backends:
+            import wandb
+
+            safe_config = {k: v for k, v in config.items() if "token" not in k}
+            self._wandb = wandb.init(project=project, config=safe_config, dir=os.environ.get("WANDB_DIR", log_dir))
+        if "visualdl" in self.backends:
+            from visualdl import LogWriter
+
+            self._visualdl = LogWriter(logdir=os.path.join(log_dir, "visualdl"))
+
+    def log(self, metrics: dict, step: int) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        if self._visualdl is not None:
+            for key, value in scalars.items():
+                self._visualdl.add_scalar(tag=f"train/{key}", value=value, step=step)
+
+    def log_images(self, name: str, images: list, captions: list, step: int) -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: [wandb.Image(img, caption=c) for img, c in zip(images, captions)]}, step=step)
+        if self._visualdl is not None:
+            for i, image in enumerate(images):
+                self._visualdl.add_image(tag=f"{name}/{i}", img=np.asarray(image), step=step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._visualdl is not None:
+            self._visualdl.close()

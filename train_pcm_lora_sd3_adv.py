@@ -33,7 +33,7 @@ import paddle.distributed as dist  # noqa: E402
 
 import checkpointing  # noqa: E402
 import pcm_lora  # noqa: E402
-from tracking import quiet_library_logging  # noqa: E402
+from tracking import Trackers, quiet_library_logging, resolve_trackers  # noqa: E402
 from pcm_solver import EulerSolver, cfg_velocity, consistency_loss  # noqa: E402
 
 DEFAULT_VALIDATION_PROMPT = (
@@ -115,9 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoints_total_limit", type=int, default=None)
     add("--resume_from_checkpoint", default=None, help="a checkpoint-N folder or 'latest'")
     add("--validation_prompt", action="append", default=None, help="repeatable; default: the seed's portrait prompt")
-    add("--num_validation_images", type=int, default=4)
-    add("--validation_steps", type=int, default=50)
-    add("--report_to", default="tensorboard", help="wandb, visualdl, tensorboard, all or none")
+    add("--num_validation_images", type=int, default=4, help="images per validation prompt (0: no validation)")
+    add("--validation_steps", type=int, default=50, help="validate every N global steps and at the end")
+    add("--num_inference_steps", type=int, default=4, help="PCM sampling steps of the validation images")
+    add("--validation_shift", type=float, default=None, help="validation scheduler shift (default: the teacher's)")
+    add("--validation_pcm_timesteps", type=int, default=None, help="validation PCM grid (default: --num_euler_timesteps)")
+    add("--report_to", default="tensorboard",
+        help="wandb, visualdl, tensorboard (= VisualDL, Paddle's equivalent), all or none; metrics.jsonl is always written")
     add("--tracker_project_name", default="text2image-fine-tune")
     add("--logging_dir", default="logs")
     add("--local_rank", type=int, default=-1, help="set by launchers; ignored (Paddle reads its environment)")
@@ -188,6 +192,18 @@ def teacher_geometry(path: str) -> dict:
     }
 
 
+def wandb_ready() -> bool:
+    """wandb can log without prompting: offline/disabled mode, or credentials present (never read out)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1]) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def check_precision(mixed_precision: str) -> None:
     """fp16/bf16 need matmul and conv kernels in that dtype on this device."""
     if mixed_precision in (None, "no"):
@@ -211,6 +227,7 @@ def validate_args(args) -> dict:
 
     positive = ["learning_rate", "adv_lr", "train_batch_size", "gradient_accumulation_steps", "num_euler_timesteps",
                 "checkpointing_steps", "validation_steps", "lora_rank", "resolution", "num_train_epochs"]
+    positive.append("num_inference_steps")
     for name in positive:
         if getattr(args, name) <= 0:
             raise ArgumentError(f"--{name} must be > 0, got {getattr(args, name)}")
@@ -224,7 +241,16 @@ def validate_args(args) -> dict:
         raise ArgumentError(f"--w_min ({args.w_min}) must not exceed --w_max ({args.w_max})")
     if args.loss_type == "huber" and args.huber_c <= 0:
         raise ArgumentError(f"--huber_c must be > 0 for --loss_type huber, got {args.huber_c}")
-    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+    try:
+        trackers = resolve_trackers(args.report_to)
+    except ValueError as error:
+        raise ArgumentError(str(error)) from None
+    if args.num_validation_images < 0:
+        raise ArgumentError(f"--num_validation_images must be >= 0, got {args.num_validation_images}")
+    if "wandb" in trackers and not wandb_ready():
+        raise ArgumentError("--report_to wandb: no wandb credentials; run `wandb login`, set WANDB_API_KEY, "
+                            "or set WANDB_MODE=offline to log locally")
+    if args.hub_token is not None and "wandb" in trackers:
         raise ArgumentError("--hub_token cannot be used with --report_to wandb (it could expose your token); log in with the hub's CLI instead")
     if not 1 <= args.multiphase <= args.num_euler_timesteps:
         raise ArgumentError(f"--multiphase must be between 1 and --num_euler_timesteps ({args.num_euler_timesteps}), got {args.multiphase}")
@@ -606,10 +632,24 @@ def train(args, geometry: dict, on_step=None) -> TrainResult:
     # ---- loop
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=rank != 0, dynamic_ncols=True)
-    metrics_path = os.path.join(args.output_dir, args.logging_dir, "metrics.jsonl")
+    from validation import generate_validation_images
+
+    trackers = None
     if rank == 0:
-        os.makedirs(os.path.dirname(metrics_path), exist_ok=True)
+        trackers = Trackers(args.report_to, os.path.join(args.output_dir, args.logging_dir),
+                            args.tracker_project_name, vars(args))
+    shift = args.validation_shift if args.validation_shift is not None else float(noise_scheduler.config.shift)
+
+    def validate(step: int) -> None:
+        if args.num_validation_images == 0:
+            return
+        barrier()
+        if rank == 0:
+            path = generate_validation_images(args, step, student, vae, text_encoders, tokenizers, shift, weight_dtype, trackers)
+            progress.write(f"step {step}: validation images in {path}")
+        barrier()
+
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=rank != 0, dynamic_ncols=True)
     consecutive_nonfinite, postfix = 0, {}
     accum = args.gradient_accumulation_steps
     while global_step < max_steps:
@@ -658,10 +698,8 @@ def train(args, geometry: dict, on_step=None) -> TrainResult:
         progress.set_postfix(postfix, refresh=False)
         progress.update(1)
         if rank == 0:
-            record = {"step": global_step, **logs, "skipped_samples": sum(tracker.skipped().values()),
-                      "time_per_step": time.time() - started}
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            trackers.log({**logs, "skipped_samples": sum(tracker.skipped().values()),
+                          "time_per_step": time.time() - started}, global_step)
             if global_step % 100 == 0 and tracker.skipped():
                 progress.write(f"step {global_step}: skipped samples on rank 0: {tracker.skipped()}")
 
@@ -669,14 +707,21 @@ def train(args, geometry: dict, on_step=None) -> TrainResult:
             path = save(global_step)
             print(f"error: {consecutive_nonfinite} non-finite losses in a row at step {global_step}; stopped after saving "
                   f"{path}. Lower --learning_rate/--adv_lr or use --mixed_precision bf16/no.", file=sys.stderr)
+            if trackers is not None:
+                trackers.close()
             return TrainResult(3, global_step, student, discriminator, tracker)
         if any_rank(stop_requested["signal"] is not None):
             path = save(global_step)
             log(f"stop requested (signal): saved {path}; resume with --resume_from_checkpoint latest")
+            if trackers is not None:
+                trackers.close()
             return TrainResult(0, global_step, student, discriminator, tracker)
         if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
             save(global_step)
+        if global_step % args.validation_steps == 0 and global_step < max_steps:
+            validate(global_step)
     progress.close()
+    validate(global_step)
 
     # ---- final output
     check_ranks_in_sync(lora_params, "LoRA weights")
@@ -691,6 +736,7 @@ def train(args, geometry: dict, on_step=None) -> TrainResult:
         skipped = tracker.skipped()
         if skipped:
             log(f"skipped samples on rank 0: {skipped}")
+        trackers.close()
     barrier()
     return TrainResult(0, global_step, student, discriminator, tracker)
 

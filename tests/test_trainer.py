@@ -11,16 +11,17 @@ import pcm_lora
 import train_pcm_lora_sd3_adv as trainer
 
 # The seed command of the Paddle port's README, flag for flag (including the `--tracker_project_nam`
-# prefix), with tiny sizes for CPU: precision no, resolution 64, 8 steps, 2 CPU ranks.
+# prefix), with tiny sizes for CPU: precision no, resolution 64, 8 steps, validation every 4, 2 CPU ranks,
+# wandb offline.
 SEED_FLAGS = {
     "--tracker_project_nam": "lora_64_formal_fuyun_PCM_sd3_202503191011",
     "--mixed_precision": "no", "--resolution": "64", "--lora_rank": "32", "--learning_rate": "5e-6",
     "--loss_type": "huber", "--adam_weight_decay": "1e-3", "--max_train_steps": "8",
-    "--dataloader_num_workers": "1", "--w_min": "4", "--w_max": "5", "--validation_steps": "1000",
+    "--dataloader_num_workers": "1", "--w_min": "4", "--w_max": "5", "--validation_steps": "4",
     "--checkpointing_steps": "4", "--checkpoints_total_limit": "10", "--train_batch_size": "2",
     "--gradient_accumulation_steps": "1", "--resume_from_checkpoint": "latest", "--seed": "453645634",
     "--num_euler_timesteps": "100", "--multiphase": "4", "--adv_weight": "0.1", "--adv_lr": "1e-5",
-    "--report_to": "none",
+    "--report_to": "wandb",
 }
 
 
@@ -52,7 +53,7 @@ def test_seed_command_shape_under_distributed_launch(tiny_sd3, tiny_cc3m, tmp_pa
     argv = ["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "logs"),
             "train_pcm_lora_sd3_adv.py", "--data_path", tiny_cc3m, "--pretrained_teacher_model", tiny_sd3,
             "--output_dir", str(out), *flags(SEED_FLAGS)]
-    result = run_python(argv)
+    result = run_python(argv, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb")})
     worker_logs = "".join((tmp_path / "logs" / f"workerlog.{r}").read_text(errors="replace") for r in range(2))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:] + worker_logs[-3000:]
     assert (out / "paddle_lora_weights.safetensors").is_file() and (out / "paddle_lora_weights.pdparams").is_file()
@@ -65,6 +66,15 @@ def test_seed_command_shape_under_distributed_launch(tiny_sd3, tiny_cc3m, tmp_pa
     assert all(("d_loss" in r) == (r["step"] % 2 == 1) for r in rows)  # steps 0, 2, ... (logged as 1, 3, ...) are D steps
     assert all(np.isfinite(r.get("d_loss", r.get("loss_cm"))) for r in rows)
     assert "no checkpoint in" in worker_logs  # --resume_from_checkpoint latest on an empty output_dir starts fresh
+    # validation: every 4 steps and at the end (step 8 once), a grid of 4 images of the seed's prompt
+    from PIL import Image
+
+    assert sorted(os.listdir(out / "validation")) == ["step-4.png", "step-8.png"]
+    with Image.open(out / "validation" / "step-8.png") as grid:
+        assert grid.size == (4 * 64, 64)
+    runs = [d for d in os.listdir(tmp_path / "wandb" / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1  # one wandb run, from rank 0 only
+    assert all(set(r) >= {"lr", "skipped_samples", "time_per_step"} for r in rows)
 
 
 @pytest.fixture(scope="module")
