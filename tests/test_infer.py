@@ -1,0 +1,34 @@
+"""scripts/infer.py end to end on the tiny teacher."""
+import json
+
+from conftest import run_python
+from PIL import Image
+
+
+def test_infer_with_and_without_lora(tiny_sd3, tmp_path):
+    import paddle
+
+    import pcm_lora
+    from ppdiffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
+    pcm_lora.add_pcm_lora(transformer, rank=16)
+    paddle.seed(2)
+    for name, param in transformer.named_parameters():
+        if "lora_B" in name:
+            param.set_value(paddle.randn(param.shape) * 0.05)
+    pcm_lora.save_lora(transformer, str(tmp_path))
+    (tmp_path / "training_args.json").write_text(json.dumps({"lora_rank": 16}))
+    common = ["scripts/infer.py", "--pretrained_teacher_model", tiny_sd3, "--height", "64", "--width", "64",
+              "--prompt", "a red dog", "--prompt", "a blue car"]
+    runs = {}
+    for name, extra in {"lora": ["--lora", str(tmp_path / "paddle_lora_weights.safetensors")],
+                        "teacher": [], "stochastic": ["--lora", str(tmp_path), "--scheduler", "stochastic"]}.items():
+        result = run_python([*common, *extra, "--output", str(tmp_path / f"{name}.png")])
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert runs["lora"]["lora_scale"] == 0.5  # alpha 8 / rank 16, from training_args.json
+    assert runs["teacher"]["lora_scale"] is None and runs["lora"]["shift"] == 3.0
+    images = {n: [Image.open(p) for p in r["images"]] for n, r in runs.items()}
+    assert all(len(v) == 2 and v[0].size == (64, 64) for v in images.values())
+    assert images["lora"][0].tobytes() != images["teacher"][0].tobytes()
