@@ -99,12 +99,15 @@ def check_compatible(saved: dict, current: dict, path: str) -> None:
 
 
 def capture_rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "paddle": paddle.get_rng_state()}
+    """Python, NumPy and Paddle generator states (the device's and the CPU's)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "paddle": paddle.get_rng_state(), "paddle_cpu": paddle.get_rng_state("cpu")}
 
 
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    paddle.set_rng_state(state["paddle_cpu"], "cpu")
     paddle.set_rng_state(state["paddle"])
 
 

@@ -600,7 +600,11 @@ def train(args, geometry: dict, on_step=None) -> TrainResult:
     step_fn = PCMStep(args, solver, encode, uncond, vae, teacher, student_dp, discriminator_dp, weight_dtype,
                       amp=weight_dtype != "float32")
 
+    saved_at = {"step": global_step if resume_path else None}
+
     def save(step: int) -> str:
+        saved_at["step"] = step
+
         def write_shared(folder):
             pcm_lora.save_lora(student, folder, pdparams_copy=False)
             paddle.save(discriminator.state_dict(), os.path.join(folder, "discriminator_heads.pdparams"))
@@ -721,6 +725,8 @@ def train(args, geometry: dict, on_step=None) -> TrainResult:
         if global_step % args.validation_steps == 0 and global_step < max_steps:
             validate(global_step)
     progress.close()
+    if saved_at["step"] != global_step:
+        save(global_step)  # the final state too, so a longer run can continue from it
     validate(global_step)
 
     # ---- final output

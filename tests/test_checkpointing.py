@@ -1,0 +1,177 @@
+"""Checkpoints: exact resume after SIGKILL on 2 ranks, pruning, corrupt/incomplete skipping, explicit paths,
+layout checks, SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, run_python
+from safetensors.numpy import load_file
+
+import checkpointing
+import train_pcm_lora_sd3_adv as trainer
+
+
+@pytest.fixture(scope="session")
+def resume_data(tmp_path_factory):
+    from make_tiny_cc3m import make_tiny_cc3m
+
+    out = str(tmp_path_factory.mktemp("resume-data"))
+    make_tiny_cc3m(out, num_shards=4, samples_per_shard=8, seed=3)
+    return out
+
+
+def launch_cmd(tiny_sd3, data, out, log_dir, steps, workers, extra=()):
+    return [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
+            "train_pcm_lora_sd3_adv.py", "--pretrained_teacher_model", tiny_sd3, "--data_path", data,
+            "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", str(steps),
+            "--checkpointing_steps", "2", "--seed", "7", "--random_flip", "--dataloader_num_workers", str(workers),
+            "--num_validation_images", "0", "--report_to", "none", "--resume_from_checkpoint", "latest", *extra]
+
+
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants at once."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for process in [*root.children(recursive=True), root]:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": REPO}
+
+
+def final_weights(out):
+    """The LoRA written at the end and the heads of the final checkpoint."""
+    steps = [s for s, _ in checkpointing.list_checkpoints(str(out))]
+    import paddle
+
+    heads = paddle.load(os.path.join(out, f"checkpoint-{steps[-1]}", "discriminator_heads.pdparams"))
+    return load_file(os.path.join(out, "paddle_lora_weights.safetensors")), {k: v.numpy() for k, v in heads.items()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_equals_uninterrupted_run(tiny_sd3, resume_data, tmp_path, workers):
+    steps = 12
+    reference = tmp_path / "reference"
+    done = subprocess.run(launch_cmd(tiny_sd3, resume_data, reference, tmp_path / "l0", steps, workers),
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(launch_cmd(tiny_sd3, resume_data, interrupted, tmp_path / "l1", steps, workers),
+                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (interrupted / "checkpoint-4" / checkpointing.STATE_FILE).exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.02)
+    kill_tree(proc.pid)  # launcher and both ranks (the launcher starts them in their own sessions), mid-run
+    proc.wait()
+    assert not (interrupted / "paddle_lora_weights.safetensors").exists(), "the run finished before the kill"
+    killed_at = checkpointing.list_checkpoints(str(interrupted))[-1][0]
+    assert 4 <= killed_at < steps
+
+    resumed = subprocess.run(launch_cmd(tiny_sd3, resume_data, interrupted, tmp_path / "l2", steps, workers),
+                             cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    logs = (tmp_path / "l2" / "workerlog.0").read_text(errors="replace")
+    assert resumed.returncode == 0, resumed.stderr[-3000:] + logs[-3000:]
+    assert f"resumed from {interrupted}/checkpoint-{killed_at} at step {killed_at}" in logs
+    (lora_a, heads_a), (lora_b, heads_b) = final_weights(reference), final_weights(interrupted)
+    assert set(lora_a) == set(lora_b) and set(heads_a) == set(heads_b)
+    for key in lora_a:  # Paddle's CPU kernels are deterministic here: bitwise equal
+        np.testing.assert_array_equal(lora_a[key], lora_b[key], err_msg=key)
+    for key in heads_a:
+        np.testing.assert_array_equal(heads_a[key], heads_b[key], err_msg=key)
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints(tiny_sd3, resume_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["train_pcm_lora_sd3_adv.py", "--pretrained_teacher_model", tiny_sd3, "--data_path", resume_data,
+            "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "7",
+            "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--num_validation_images", "0",
+            "--report_to", "none"]
+    result = run_python(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [6, 7]  # 2, 4 pruned; 7 = the final state
+    state = json.loads((out / "checkpoint-7" / checkpointing.STATE_FILE).read_text())
+    assert state["global_step"] == 7 and state["world_size"] == 1
+    for name in state["files"] + ["rank-0.pkl"]:
+        assert (out / "checkpoint-7" / name).is_file()
+
+
+def _fake_checkpoint(root, step, world_size=1, complete=True):
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    for r in range(world_size):
+        (folder / f"rank-{r}.pkl").write_bytes(b"x")
+    (folder / "a.bin").write_bytes(b"x")
+    if complete:
+        (folder / checkpointing.STATE_FILE).write_text(json.dumps({"global_step": step, "world_size": world_size, "files": ["a.bin"]}))
+    return folder
+
+
+def test_latest_skips_incomplete_and_corrupt_checkpoints(tmp_path):
+    _fake_checkpoint(tmp_path, 2)
+    _fake_checkpoint(tmp_path, 4, world_size=2)
+    _fake_checkpoint(tmp_path, 6, complete=False)  # killed mid-save: no state file
+    (_fake_checkpoint(tmp_path, 8) / checkpointing.STATE_FILE).write_text("{not json")
+    os.remove(_fake_checkpoint(tmp_path, 10, world_size=2) / "rank-1.pkl")  # a rank's part missing
+    (tmp_path / "checkpoint-12.incomplete").mkdir()  # a save in progress is never a checkpoint
+    warnings = []
+    assert checkpointing.find_resume_checkpoint(str(tmp_path), "latest", warn=warnings.append) == str(tmp_path / "checkpoint-4")
+    assert len(warnings) == 3 and all(w.startswith("warning: skipping checkpoint") for w in warnings)
+    assert checkpointing.find_resume_checkpoint(str(tmp_path / "empty"), "latest") is None
+
+
+def test_explicit_checkpoint_paths(tmp_path):
+    good = _fake_checkpoint(tmp_path, 2)
+    assert checkpointing.find_resume_checkpoint(str(tmp_path), "checkpoint-2") == str(good)
+    assert checkpointing.find_resume_checkpoint("/elsewhere", str(good)) == str(good)
+    with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
+        checkpointing.find_resume_checkpoint(str(tmp_path), "checkpoint-99")
+    (tmp_path / "not-a-checkpoint").mkdir()
+    with pytest.raises(checkpointing.CheckpointError, match="not a complete checkpoint"):
+        checkpointing.find_resume_checkpoint(str(tmp_path), "not-a-checkpoint")
+
+
+def test_resume_errors_are_one_line(tiny_sd3, resume_data, tmp_path, capsys):
+    base = ["--pretrained_teacher_model", tiny_sd3, "--data_path", resume_data, "--output_dir", str(tmp_path),
+            "--resolution", "64", "--max_train_steps", "2", "--report_to", "none", "--num_validation_images", "0"]
+    assert trainer.main(base + ["--resume_from_checkpoint", "checkpoint-99"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume_from_checkpoint" in err and "does not exist" in err
+    # a checkpoint made with 2 ranks cannot continue with 1: the data order and batch would change
+    _fake_checkpoint(tmp_path, 2, world_size=2)
+    state = tmp_path / "checkpoint-2" / checkpointing.STATE_FILE
+    state.write_text(json.dumps({**json.loads(state.read_text()), "train_batch_size": 4}))
+    assert trainer.main(base + ["--resume_from_checkpoint", "latest", "--train_batch_size", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "world_size=2" in err and "world_size=1" in err
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tiny_sd3, resume_data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train_pcm_lora_sd3_adv.py", "--pretrained_teacher_model", tiny_sd3, "--data_path", resume_data,
+           "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "10000",
+           "--checkpointing_steps", "1000", "--num_validation_images", "0", "--report_to", "none"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-2000:]
+    saved = checkpointing.list_checkpoints(str(out))
+    assert len(saved) == 1 and saved[0][0] >= 3
+    assert "stop requested" in output and "--resume_from_checkpoint latest" in output
+    checkpointing.read_checkpoint_state(saved[0][1])  # complete
