@@ -82,3 +82,34 @@ class Trackers:
             self._wandb.finish()
         if self._visualdl is not None:
             self._visualdl.close()
+
+
+class PhaseTimer:
+    """``timer(phase)`` context managers that add up wall time per phase (synchronising the device
+    before and after, so GPU work is charged to the phase that queued it)."""
+
+    def __init__(self):
+        import paddle
+
+        self.totals: dict = {}
+        on_gpu = paddle.get_device().startswith("gpu")
+        self._sync = paddle.device.synchronize if on_gpu else (lambda: None)
+
+    def reset(self) -> None:
+        self.totals = {}
+
+    def __call__(self, phase: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def timed():
+            self._sync()
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._sync()
+                self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - start
+
+        return timed()

@@ -360,7 +360,9 @@ def load_models(args, weight_dtype: str, log):
 class PCMStep:
     """Steps 1-7 of PCM_SPEC §3 for one micro-batch, and the D or G loss of step 8."""
 
-    def __init__(self, args, solver, encode, uncond, vae, teacher, student, discriminator, weight_dtype, amp):
+    def __init__(self, args, solver, encode, uncond, vae, teacher, student, discriminator, weight_dtype, amp,
+                 timer=None):
+        self.timer = timer or (lambda phase: nullcontext())  # benchmark hook: timer(phase) -> context manager
         self.args, self.solver, self.encode = args, solver, encode
         self.uncond_embeds, self.uncond_pooled = uncond
         self.vae, self.teacher, self.student, self.discriminator = vae, teacher, student, discriminator
@@ -376,11 +378,12 @@ class PCMStep:
         args, solver = self.args, self.solver
         T = self.num_train_timesteps
         pixel_values = batch["pixel_values"].astype("float32")
-        prompt_embeds, pooled = self.encode(list(batch["captions"]))
+        with self.timer("text_encoding"):
+            prompt_embeds, pooled = self.encode(list(batch["captions"]))
         bsz = pixel_values.shape[0]
 
         # 2. latents, with the VAE's shift and scale (the reference omits the shift)
-        with paddle.no_grad():
+        with self.timer("vae"), paddle.no_grad():
             latents = self.vae.encode(pixel_values).latent_dist.sample()
             latents = (latents - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor
             latents = latents.astype(self.weight_dtype)
@@ -395,13 +398,13 @@ class PCMStep:
         noisy = sigma * noise + (1.0 - sigma) * latents
 
         # 4. student prediction (no gradient needed on D steps: the D loss sees it detached)
-        with self.autocast(), (nullcontext() if not is_d_step else paddle.no_grad()):
+        with self.timer("student_forward"), self.autocast(), (nullcontext() if not is_d_step else paddle.no_grad()):
             velocity = self.student(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
                                     pooled_projections=pooled).sample
         prediction, end = solver.multiphase_jump(noisy, velocity.astype(noisy.dtype), index)
 
         # 5. teacher with classifier-free guidance, cond and uncond in one batched pass; one Euler step
-        with paddle.no_grad():
+        with self.timer("teacher_forward"), paddle.no_grad():
             guidance = args.w_min + (args.w_max - args.w_min) * paddle.rand([bsz])
             with self.autocast():
                 if args.not_apply_cfg_solver:
@@ -420,7 +423,8 @@ class PCMStep:
             teacher_velocity = cfg_velocity(cond.astype("float32"), uncond.astype("float32"), guidance)
             x_prev = solver.euler_step(noisy.astype("float32"), teacher_velocity, index)
 
-            # 6. target: the same student, one solver step lower, jumped to the same phase start
+        # 6. target: the same student, one solver step lower, jumped to the same phase start
+        with self.timer("target_forward"), paddle.no_grad():
             with self.autocast():
                 target_velocity = self.student(hidden_states=x_prev.astype(self.weight_dtype), timestep=timesteps_prev,
                                                encoder_hidden_states=prompt_embeds, pooled_projections=pooled).sample
@@ -435,7 +439,7 @@ class PCMStep:
 
         # 8. discriminator (hinge) or generator (consistency + adversarial) loss
         embeds32, pooled32 = prompt_embeds.astype("float32"), pooled.astype("float32")
-        with self.autocast():
+        with self.timer("discriminator"), self.autocast():
             if is_d_step:
                 d_loss = self.discriminator("d_loss", fake, real, t_adv, embeds32, pooled32)
                 return {"loss": d_loss.astype("float32"), "d_loss": d_loss}
@@ -501,9 +505,11 @@ class TrainResult:
         self.student, self.discriminator, self.tracker = student, discriminator, tracker
 
 
-def train(args, geometry: dict, on_step=None) -> TrainResult:
+def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
     """The training run. ``on_step(global_step, is_d_step, student, discriminator)`` is called
-    after every optimizer step (tests use it to watch which weights change)."""
+    after every optimizer step (tests use it to watch which weights change); ``timer(phase)`` returns a
+    context manager around each phase of a step (scripts/benchmark.py times them)."""
+    timer = timer or (lambda phase: nullcontext())
     rank, world_size = world()
     log = print if rank == 0 else (lambda *a, **k: None)
     warn_ignored_flags(args, log)
@@ -598,7 +604,7 @@ def train(args, geometry: dict, on_step=None) -> TrainResult:
         student_dp = paddle.DataParallel(student)
         discriminator_dp = paddle.DataParallel(discriminator)
     step_fn = PCMStep(args, solver, encode, uncond, vae, teacher, student_dp, discriminator_dp, weight_dtype,
-                      amp=weight_dtype != "float32")
+                      amp=weight_dtype != "float32", timer=timer)
 
     saved_at = {"step": global_step if resume_path else None}
 
@@ -665,14 +671,16 @@ def train(args, geometry: dict, on_step=None) -> TrainResult:
         optimizer.clear_grad(set_to_zero=False)
         logs, finite = {}, True
         for micro in range(accum):
-            batch = next(batches)
+            with timer("data"):
+                batch = next(batches)
             tracker.update(batch)
             sync = micro == accum - 1 or world_size == 1
             with (nullcontext() if sync else model_dp.no_sync()):
                 out = step_fn(batch, is_d_step)
                 loss = out["loss"] / accum
                 finite = finite and bool(paddle.isfinite(loss).item())
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                with timer("backward"):
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
             for key, value in out.items():
                 if key != "loss":
                     logs[key] = logs.get(key, 0.0) + float(value.item()) / accum
@@ -684,11 +692,12 @@ def train(args, geometry: dict, on_step=None) -> TrainResult:
                 scaler.update()
         else:
             consecutive_nonfinite = 0
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
+            with timer("optimizer"):
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
             if not is_d_step:
                 lr_scheduler.step()
         adv_optimizer.clear_grad(set_to_zero=False)
