@@ -7,8 +7,8 @@ logits. Unlike the reference (64x64 tokens and 24 blocks of width 1536 hard-code
 so only 1024 px SD3-medium works) the grid is read from the input and the head
 count and width from the transformer config: any resolution, any SD3 variant.
 
-The backbone is the teacher object itself, held by reference (not a sublayer), so
-``parameters()`` and ``state_dict()`` hold only the heads.
+The backbone is the teacher object itself (or, with ``--share_teacher_weights``, the student's frozen
+base), held by reference (not a sublayer), so ``parameters()`` and ``state_dict()`` hold only the heads.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from paddle_compat import run_joint_blocks
+from pcm_lora import FrozenBaseView
 
 
 class DiscriminatorHead(nn.Layer):
@@ -41,12 +42,16 @@ class DiscriminatorHead(nn.Layer):
 
 
 def block_features(backbone, sample, timestep, encoder_hidden_states, pooled_projections) -> list:
-    """Image-token hidden states ``[B, H/p * W/p, C]`` after every block of an SD3 transformer."""
-    hidden_states = backbone.pos_embed(sample)
-    temb = backbone.time_text_embed(timestep, pooled_projections)
-    context = backbone.context_embedder(encoder_hidden_states)
+    """Image-token hidden states ``[B, H/p * W/p, C]`` after every block of an SD3 transformer.
+
+    ``backbone`` is a transformer, or a :class:`pcm_lora.FrozenBaseView` of the student, whose pieces then
+    run with the LoRA adapters off (also when recomputed under gradient checkpointing)."""
+    wrap = backbone.wrap if isinstance(backbone, FrozenBaseView) else (lambda module: module)
+    hidden_states = wrap(backbone.pos_embed)(sample)
+    temb = wrap(backbone.time_text_embed)(timestep, pooled_projections)
+    context = wrap(backbone.context_embedder)(encoder_hidden_states)
     features = []
-    run_joint_blocks(backbone, hidden_states, context, temb, features)
+    run_joint_blocks(backbone, hidden_states, context, temb, features, wrap=wrap)
     return features
 
 

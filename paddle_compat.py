@@ -165,22 +165,22 @@ def _patch_sd3_lora_rank() -> bool:
 
 
 # --- 4. SD3 blocks under gradient checkpointing ----------------------------------------
-def run_joint_blocks(transformer, hidden_states, encoder_hidden_states, temb, features=None):
+def run_joint_blocks(transformer, hidden_states, encoder_hidden_states, temb, features=None, wrap=None):
     """Run the SD3 transformer blocks, recomputing activations in backward when the model is
     training with gradient checkpointing. Appends each block's image-token output to
-    ``features`` when given (the discriminator's feature taps). Returns both streams."""
+    ``features`` when given (the discriminator's feature taps). ``wrap(block)`` may return a
+    callable to run instead of the block (it is what gets recomputed). Returns both streams."""
     from paddle.distributed.fleet.utils import recompute
     from ppdiffusers.utils import recompute_use_reentrant
 
     checkpointing = transformer.training and getattr(transformer, "gradient_checkpointing", False)
     for block in transformer.transformer_blocks:
+        run = wrap(block) if wrap is not None else block
         if checkpointing:
             kwargs = {} if recompute_use_reentrant() else {"use_reentrant": False}
-            encoder_hidden_states, hidden_states = recompute(block, hidden_states, encoder_hidden_states, temb, **kwargs)
+            encoder_hidden_states, hidden_states = recompute(run, hidden_states, encoder_hidden_states, temb, **kwargs)
         else:
-            encoder_hidden_states, hidden_states = block(
-                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb
-            )
+            encoder_hidden_states, hidden_states = run(hidden_states, encoder_hidden_states, temb)
         if features is not None:
             features.append(hidden_states)
     return encoder_hidden_states, hidden_states

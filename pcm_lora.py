@@ -11,6 +11,7 @@ reproduces the trained student.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import paddle_compat  # noqa: F401  (before ppdiffusers)
 import paddle
@@ -33,6 +34,53 @@ def add_pcm_lora(transformer, rank: int) -> LoraConfig:
     config = LoraConfig(r=rank, target_modules=list(REFERENCE_TARGET_MODULES))
     transformer.add_adapter(config)
     return config
+
+
+@contextmanager
+def adapters_disabled(transformer):
+    """Run ``transformer`` as its frozen base model (LoRA branches skipped) inside the block.
+
+    Only the layers' ``disable_adapters`` switch flips; unlike ``ModelMixin.disable_adapters`` it leaves
+    the LoRA parameters' ``stop_gradient`` alone, so a graph built before (the student's forward) still
+    back-propagates into them."""
+    from ppdiffusers.peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for _, m in transformer.named_sublayers(include_self=True) if isinstance(m, BaseTunerLayer)]
+    previous = [m._disable_adapters for m in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield transformer
+    finally:
+        for layer, value in zip(layers, previous):
+            layer._disable_adapters = value
+
+
+class FrozenBaseView:
+    """The student's frozen base weights seen as a separate model: the teacher and the discriminator
+    backbone of ``--share_teacher_weights`` (no second copy of the transformer)."""
+
+    def __init__(self, student):
+        self.student = student
+        self.config = student.config
+        self.inner_dim = student.inner_dim
+
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.student):
+            return self.student(*args, **kwargs)
+
+    @staticmethod
+    def wrap(module):
+        """``module`` as a callable that runs with its adapters off."""
+
+        def run(*args, **kwargs):
+            with adapters_disabled(module):
+                return module(*args, **kwargs)
+
+        return run
+
+    def __getattr__(self, name):  # pos_embed, transformer_blocks, ... for the discriminator's feature taps
+        return getattr(self.student, name)
 
 
 def lora_module_names(transformer) -> list:

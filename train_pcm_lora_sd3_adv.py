@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_train_steps", type=int, default=None, help="total optimizer steps (D and G steps alternate); overrides epochs")
     add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     add("--gradient_checkpointing", action="store_true", help="recompute transformer activations in backward")
+    add("--share_teacher_weights", action="store_true",
+        help="use the student's frozen base (LoRA off) as teacher and discriminator backbone instead of a second, "
+             "fp32 copy of the transformer: saves that copy's memory; with fp16/bf16 the teacher then runs on "
+             "low-precision weights (see README)")
     add("--learning_rate", type=float, default=1e-4)
     add("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
     add("--lr_warmup_steps", type=int, default=500)
@@ -313,7 +317,8 @@ def set_seed(seed: int) -> None:
 # Models
 # ----------------------------------------------------------------------------------------------
 def load_models(args, weight_dtype: str, log):
-    """Tokenizers, text encoders, VAE, teacher (fp32) and student (weight dtype + fp32 LoRA)."""
+    """Tokenizers, text encoders, VAE, teacher (fp32, or a view of the student's base with
+    --share_teacher_weights) and student (weight dtype + fp32 LoRA)."""
     from ppdiffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from ppdiffusers.transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
@@ -327,27 +332,32 @@ def load_models(args, weight_dtype: str, log):
                      T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3")]
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-    teacher = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", variant=args.variant, **common)
     student = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", variant=args.variant, **common)
+    teacher = None
+    if not args.share_teacher_weights:
+        teacher = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", variant=args.variant, **common)
 
-    for model in (*text_encoders, vae, teacher, student):
+    for model in filter(None, (*text_encoders, vae, teacher, student)):
         for param in model.parameters():
             param.stop_gradient = True
         model.eval()
     for encoder in text_encoders:
         encoder.to(dtype=weight_dtype)
     vae.to(dtype="float32")
-    teacher.to(dtype="float32")
     student.to(dtype=weight_dtype)
+    set_seed(args.seed if args.seed is not None else 0)  # LoRA (then heads) initialised alike on every rank and setup
     pcm_lora.add_pcm_lora(student, args.lora_rank)
     for name, layer in student.named_sublayers():
         if name.endswith(("lora_A", "lora_B")):
             layer.to(dtype="float32")  # fp32 master weights for the trainable LoRA
+    if teacher is None:
+        teacher = pcm_lora.FrozenBaseView(student)
+    else:
+        teacher.to(dtype="float32")
     if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-        teacher.enable_gradient_checkpointing()
-        student.train()  # checkpointing is active in train mode (SD3 has no dropout)
-        teacher.train()
+        for model in {id(student): student, id(teacher): getattr(teacher, "student", teacher)}.values():
+            model.enable_gradient_checkpointing()
+            model.train()  # checkpointing is active in train mode (SD3 has no dropout)
     trainable = [p for p in student.parameters() if not p.stop_gradient]
     log(f"student LoRA: rank {args.lora_rank}, {len(pcm_lora.lora_module_names(student))} modules, "
         f"{sum(int(np.prod(p.shape)) for p in trainable):,} trainable parameters")
@@ -523,7 +533,6 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
         log("warning: --enable_xformers_memory_efficient_attention: no fused attention on this device; using plain attention")
     log(f"PCM-LoRA SD3: {world_size} process(es) on {device}, precision {mixed}, data: {geometry['data']}")
     seed = args.seed if args.seed is not None else 0
-    set_seed(seed + rank)
     os.makedirs(args.output_dir, exist_ok=True)
     barrier()
 
@@ -533,6 +542,7 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
 
     tokenizers, text_encoders, vae, noise_scheduler, teacher, student = load_models(args, weight_dtype, log)
     discriminator = Discriminator(teacher)
+    set_seed(seed + rank)  # per-rank noise, timesteps and guidance from here on
     sigmas_ascending = noise_scheduler.sigmas.numpy()[::-1][: noise_scheduler.config.num_train_timesteps]
     solver = EulerSolver(sigmas_ascending.copy(), args.num_euler_timesteps, args.multiphase)
     encode = SD3PromptEncoder(tokenizers, text_encoders)
