@@ -1,0 +1,773 @@
+#!/usr/bin/env python
+"""GPU memory budget of PCM-LoRA SD3 training, computed rather than measured.
+
+Paddle cannot run on a GPU here, so the peak memory of one training step is derived:
+
+* **Parameters** are counted exactly from the module structure (analytic formulas that
+  reproduce ``sum(p.numel())`` of the ppdiffusers models; the SD3 transformer and VAE
+  formulas were checked against models built under ``paddle.LazyGuard()``, the text
+  encoders against their published counts and all of them against the tiny test models).
+* **Activations** are traced: a small symbolic tracer walks the exact op sequence of
+  ``JointTransformerBlock`` / ``JointAttnProcessor2_5`` / the PEFT LoRA layers / the
+  discriminator heads with tensor sizes, dtypes (autocast rules of each framework) and
+  ``requires_grad`` flags, and records what autograd keeps for backward:
+  Paddle keeps every input of a recorded op (measured on CPU: a frozen ``matmul`` still
+  keeps its activation input), PyTorch keeps an input only when another input needs its
+  gradient. Views share storage; flash / memory-efficient attention keep q, k, v, out and
+  the log-sum-exp, plain (math) attention keeps the N x N probabilities.
+* **What our trainer does on a GPU** (read from ppdiffusers 0.29 / Paddle 3.3 sources): attention is
+  ppdiffusers' ``scaled_dot_product_attention_`` (flash for fp16/bf16 queries, memory-efficient
+  "cutlass" for fp32 ones; paddle_compat's plain attention only where that is missing, e.g. CPU);
+  ``ppdiffusers.peft`` casts a LoRA layer's result back to its *input* dtype, and the input of
+  ``to_q/k/v``, ``to_out``, ``ff`` is the fp32 output of a LayerNorm under AMP, so the student's
+  residual stream and attention run in fp32 after block 0 (PyTorch's peft keeps fp16).
+* **One calibration constant** ``KAPPA`` multiplies all activation bytes (allocator
+  rounding, backward-time gradient buffers, small tensors the tracer leaves out). It is
+  fitted so that the PyTorch reference's G-step peak at the seed configuration equals the
+  measured 57.2 GiB; the same model then predicts the reference's 41.2 GiB with
+  ``--gradient_checkpointing`` (a check, not a fit) and, with Paddle's semantics and our
+  trainer's structure, our peaks.
+
+Usage::
+
+    python scripts/memory_budget.py                       # one configuration (the seed's)
+    python scripts/memory_budget.py --resolution 512 --batch_size 1 --gradient_checkpointing
+    python scripts/memory_budget.py --table               # the README table
+
+The last line printed is always one JSON object with the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+GiB = 1024**3
+
+# ----------------------------------------------------------------------------------------------
+# Model configurations (stabilityai/stable-diffusion-3-medium-diffusers)
+# ----------------------------------------------------------------------------------------------
+SD3_MEDIUM_TRANSFORMER = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
+}
+CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+          "max_position_embeddings": 77, "projection_dim": 768}
+CLIP_G = {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+          "max_position_embeddings": 77, "projection_dim": 1280}
+T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
+          "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
+SD3_VAE = {"in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+           "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+TEXT_TOKENS = 77 + 77  # CLIP (77) and T5 (77) sequences, concatenated
+VAE_FACTOR = 8
+
+# The PyTorch reference measured on one H100 80GB (SD3-medium, 1024 px, batch 2, fp16, rank 32, SDPA):
+REFERENCE_MEASURED_GIB = {"no_checkpointing": 57.2, "gradient_checkpointing": 41.2}
+HEADROOM = 0.10  # keep 10% of a card free for the allocator's fragmentation and the CUDA context
+CARDS_GIB = {"40GB": 40.0, "80GB": 80.0}  # A100 40GB: 40960 MiB; A100 80GB: 81920 MiB (H100 80GB: 81559 MiB)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter counts (exact; Paddle layout)
+# ----------------------------------------------------------------------------------------------
+def _width(config: dict) -> int:
+    return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+
+
+def _lin(fan_in: int, fan_out: int, bias: bool = True) -> int:
+    return fan_in * fan_out + (fan_out if bias else 0)
+
+
+def transformer_parameter_count(config: dict) -> int:
+    """``sum(p.numel() for p in SD3Transformer2DModel(**config).parameters())`` (ppdiffusers 0.29).
+
+    Paddle's ``AdaLayerNormContinuous`` LayerNorm has ``weight_attr=False, bias_attr=True``, so the
+    last block's ``norm1_context`` and ``norm_out`` carry a width-sized bias that diffusers (PyTorch)
+    does not have: 2 x width more parameters than the PyTorch model."""
+    d, p = _width(config), int(config["patch_size"])
+    c_in = int(config["in_channels"])
+    c_out = int(config.get("out_channels") or c_in)
+    n = c_in * p * p * d + d                                            # pos_embed.proj
+    n += _lin(256, d) + _lin(d, d)                                      # timestep_embedder
+    n += _lin(int(config["pooled_projection_dim"]), d) + _lin(d, d)      # text_embedder
+    n += _lin(int(config["joint_attention_dim"]), int(config["caption_projection_dim"]))  # context_embedder
+    layers = int(config["num_layers"])
+    for i in range(layers):
+        last = i == layers - 1
+        n += _lin(d, 6 * d)                                             # norm1.linear
+        n += _lin(d, 2 * d) + d if last else _lin(d, 6 * d)              # norm1_context (+ LayerNorm bias)
+        n += 7 * _lin(d, d)                                             # to_q/k/v, add_q/k/v, to_out.0
+        n += _lin(d, 4 * d) + _lin(4 * d, d)                            # ff
+        if not last:
+            n += _lin(d, d) + _lin(d, 4 * d) + _lin(4 * d, d)            # to_add_out, ff_context
+    n += _lin(d, 2 * d) + d                                             # norm_out (+ LayerNorm bias)
+    n += _lin(d, p * p * c_out)                                         # proj_out
+    return n
+
+
+def lora_targets(config: dict) -> list:
+    """``(name, fan_in, fan_out)`` of every Linear the reference's 22 target patterns wrap
+    (``.add_*_proj`` match nothing, ``proj_in`` does not exist in SD3), plus ``("pos_embed.proj", ...)``
+    for the patch-embedding Conv2d as ``(name, in_channels * k * k, out_channels)``."""
+    d, p = _width(config), int(config["patch_size"])
+    c_out = int(config.get("out_channels") or config["in_channels"])
+    targets = [
+        ("pos_embed.proj", int(config["in_channels"]) * p * p, d),
+        ("time_text_embed.timestep_embedder.linear_1", 256, d),
+        ("time_text_embed.timestep_embedder.linear_2", d, d),
+        ("time_text_embed.text_embedder.linear_1", int(config["pooled_projection_dim"]), d),
+        ("time_text_embed.text_embedder.linear_2", d, d),
+        ("context_embedder", int(config["joint_attention_dim"]), int(config["caption_projection_dim"])),
+        ("proj_out", d, p * p * c_out),
+    ]
+    layers = int(config["num_layers"])
+    for i in range(layers):
+        last = i == layers - 1
+        pre = f"transformer_blocks.{i}."
+        targets += [(pre + "norm1.linear", d, 6 * d), (pre + "norm1_context.linear", d, (2 if last else 6) * d)]
+        targets += [(pre + f"attn.{m}", d, d) for m in ("to_q", "to_k", "to_v", "to_out.0")]
+        targets += [(pre + "ff.net.0.proj", d, 4 * d), (pre + "ff.net.2", 4 * d, d)]
+        if not last:
+            targets += [(pre + "attn.to_add_out", d, d), (pre + "ff_context.net.0.proj", d, 4 * d),
+                        (pre + "ff_context.net.2", 4 * d, d)]
+    return targets
+
+
+def lora_parameter_count(config: dict, rank: int) -> int:
+    """Trainable parameters ``pcm_lora.add_pcm_lora(transformer, rank)`` creates: ``r * (in + out)`` per
+    wrapped Linear; for the Conv2d ``pos_embed.proj`` ``r * in * k * k`` (lora_A) + ``out * r`` (1x1 lora_B)."""
+    return sum(rank * (fan_in + fan_out) for _, fan_in, fan_out in lora_targets(config))
+
+
+def head_parameter_count(width: int) -> int:
+    """One discriminator head: two 1x1 convs width->width (+bias), two GroupNorm(32, width), 1x1 conv to 1."""
+    return 2 * (width * width + width) + 2 * 2 * width + width + 1
+
+
+def clip_text_parameter_count(c: dict) -> int:
+    """``CLIPTextModelWithProjection`` (token + position embeddings, layers, final LN, projection)."""
+    h, i = int(c["hidden_size"]), int(c["intermediate_size"])
+    per_layer = 4 * _lin(h, h) + 2 * 2 * h + _lin(h, i) + _lin(i, h)
+    return (int(c["vocab_size"]) + int(c["max_position_embeddings"])) * h + int(c["num_hidden_layers"]) * per_layer \
+        + 2 * h + h * int(c["projection_dim"])
+
+
+def t5_encoder_parameter_count(c: dict) -> int:
+    """``T5EncoderModel`` (shared embedding, layers without biases, relative bias in layer 0, final LN)."""
+    d, f = int(c["d_model"]), int(c["d_ff"])
+    inner = int(c["num_heads"]) * int(c["d_kv"])
+    gated = str(c.get("feed_forward_proj", "relu")).startswith("gated")
+    per_layer = 4 * d * inner + d + (2 if gated else 1) * d * f + f * d + d
+    return int(c["vocab_size"]) * d + int(c["num_layers"]) * per_layer \
+        + int(c["relative_attention_num_buckets"]) * int(c["num_heads"]) + d
+
+
+def vae_parameter_count(c: dict) -> int:
+    """``AutoencoderKL`` with DownEncoderBlock2D / UpDecoderBlock2D blocks and a mid-block attention."""
+    ch, per_block = [int(x) for x in c["block_out_channels"]], int(c["layers_per_block"])
+    z = int(c["latent_channels"])
+
+    def conv(i, o, k):
+        return i * o * k * k + o
+
+    def resnet(i, o):
+        return 2 * i + conv(i, o, 3) + 2 * o + conv(o, o, 3) + (conv(i, o, 1) if i != o else 0)
+
+    top = ch[-1]
+    mid = 2 * resnet(top, top) + (2 * top + 4 * _lin(top, top) if c.get("mid_block_add_attention", True) else 0)
+    encoder, prev = conv(int(c.get("in_channels", 3)), ch[0], 3), ch[0]
+    for k, out in enumerate(ch):
+        encoder += sum(resnet(prev if j == 0 else out, out) for j in range(per_block))
+        encoder += conv(out, out, 3) if k < len(ch) - 1 else 0
+        prev = out
+    encoder += mid + 2 * top + conv(top, 2 * z, 3)
+    decoder, prev = conv(z, top, 3) + mid, top
+    for k, out in enumerate(ch[::-1]):
+        decoder += sum(resnet(prev if j == 0 else out, out) for j in range(per_block + 1))
+        decoder += conv(out, out, 3) if k < len(ch) - 1 else 0
+        prev = out
+    decoder += 2 * ch[0] + conv(ch[0], int(c.get("out_channels", 3)), 3)
+    quant = (conv(2 * z, 2 * z, 1) if c.get("use_quant_conv", True) else 0) + \
+        (conv(z, z, 1) if c.get("use_post_quant_conv", True) else 0)
+    return encoder + decoder + quant
+
+
+def verify_counts_lazily() -> dict:
+    """Build the SD3-medium transformer and VAE under ``paddle.LazyGuard()`` (no memory is allocated)
+    and compare their parameter counts with the formulas. Needs paddle + ppdiffusers."""
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import paddle_compat  # noqa: F401  (before ppdiffusers)
+    import paddle
+    from ppdiffusers import AutoencoderKL, SD3Transformer2DModel
+
+    def count(model):
+        total = 0
+        for param in model.parameters():
+            n = 1
+            for s in param.shape:
+                n *= int(s)
+            total += n
+        return total
+
+    with paddle.LazyGuard():
+        transformer = SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER)
+        vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                            norm_num_groups=32, **SD3_VAE)
+    return {"transformer": (count(transformer), transformer_parameter_count(SD3_MEDIUM_TRANSFORMER)),
+            "vae": (count(vae), vae_parameter_count(SD3_VAE))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation tracer
+# ----------------------------------------------------------------------------------------------
+class Tensor:
+    """A symbolic tensor: element count, dtype ('f32' or 'lp' = fp16/bf16), requires-grad, storage id."""
+
+    __slots__ = ("n", "dt", "grad", "sid")
+
+    def __init__(self, n, dt, grad, sid):
+        self.n, self.dt, self.grad, self.sid = n, dt, grad, sid
+
+
+class Trace:
+    """Replays a forward pass op by op and records the storages autograd keeps for backward.
+
+    engine: ``"paddle"`` (every input of a recorded op is kept) or ``"torch"`` (an input is kept only
+    when another input of the op needs a gradient). ``amp``: autocast to the low-precision dtype
+    (matmul/conv/attention to 'lp', layer/group norm and softmax to f32, other ops promote to f32 if any
+    input is f32 - the O1 rules of both frameworks). ``attention``: ``"auto"`` (GPU: flash for
+    low-precision queries, memory-efficient otherwise) or ``"math"`` (plain softmax attention).
+    ``dropout_train``: Paddle modules in train mode run Dropout(p=0) and keep a uint8 mask."""
+
+    def __init__(self, engine: str, amp: bool, lp_bytes: int = 2, attention: str = "auto", dropout_train=False,
+                 peft_cast: str = None):
+        self.engine, self.amp, self.lp_bytes, self.attention_kind = engine, amp, lp_bytes, attention
+        # dtype a LoRA layer returns: ppdiffusers.peft the input's, PyTorch peft the base layer result's
+        self.peft_cast = peft_cast or ("input" if engine == "paddle" else "result")
+        self.dropout_train = dropout_train and engine == "paddle"
+        self.sizes, self.saved, self._next = {}, {}, 0
+
+    # -- tensors
+    def nbytes(self, dt):
+        return {"f32": 4, "lp": self.lp_bytes, "u8": 1}[dt]
+
+    def new(self, n, dt, grad=False):
+        self._next += 1
+        self.sizes[self._next] = int(n) * self.nbytes(dt)
+        return Tensor(int(n), dt, grad, self._next)
+
+    @staticmethod
+    def param(n, dt, trainable=False):
+        return Tensor(int(n), dt, trainable, None)  # parameters are counted with the weights
+
+    @staticmethod
+    def view(t, n=None):
+        return Tensor(t.n if n is None else int(n), t.dt, t.grad, t.sid)
+
+    def keep(self, *tensors):
+        for t in tensors:
+            if t.sid is not None:
+                self.saved[t.sid] = self.sizes[t.sid]
+
+    def saved_bytes(self) -> int:
+        return sum(self.saved.values())
+
+    def _keep_inputs(self, inputs, recorded):
+        """Paddle: all inputs of a recorded op; torch: input i only if some other input needs grad."""
+        if not recorded:
+            return
+        if self.engine == "paddle":
+            self.keep(*inputs)
+        else:
+            for i, t in enumerate(inputs):
+                if any(o.grad for j, o in enumerate(inputs) if j != i):
+                    self.keep(t)
+
+    # -- dtype rules
+    def cast(self, t, dt, copy=False):
+        """A cast keeps nothing for backward. To the same dtype, Paddle's ``astype`` and PyTorch's ``to``
+        share the storage, Paddle's ``Tensor.cast`` copies (``copy=True``; measured)."""
+        if t.dt == dt and not (copy and self.engine == "paddle"):
+            return self.view(t)
+        return self.new(t.n, dt, t.grad)
+
+    def _white(self, *ts):
+        return [self.cast(t, "lp") for t in ts] if self.amp else list(ts)
+
+    def _black(self, *ts):
+        return [self.cast(t, "f32") for t in ts]
+
+    def _gray(self, *ts):
+        if any(t.dt == "f32" for t in ts):
+            return [self.cast(t, "f32") for t in ts]
+        return list(ts)
+
+    # -- ops
+    def matmul(self, x, w, n_out):
+        x, w = self._white(x, w)
+        recorded = x.grad or w.grad
+        self._keep_inputs([x, w], recorded)
+        return self.new(n_out, x.dt, recorded)
+
+    def mul(self, a, b):
+        a, b = self._gray(a, b)
+        recorded = a.grad or b.grad
+        self._keep_inputs([a, b], recorded)
+        return self.new(max(a.n, b.n), a.dt, recorded)
+
+    def add(self, a, b):
+        a, b = self._gray(a, b)
+        return self.new(max(a.n, b.n), a.dt, a.grad or b.grad)
+
+    def scale(self, x):
+        return self.new(x.n, x.dt, x.grad)
+
+    def concat(self, *ts):
+        ts = self._gray(*ts)
+        return self.new(sum(t.n for t in ts), ts[0].dt, any(t.grad for t in ts))
+
+    def activation(self, x, inplace=False):
+        """GELU / SiLU / LeakyReLU: keep the input (an in-place LeakyReLU keeps its output, same storage)."""
+        if x.grad:
+            self.keep(x)
+        return self.view(x) if inplace else self.new(x.n, x.dt, x.grad)
+
+    def layer_norm(self, x):
+        (x,) = self._black(x)
+        if x.grad:
+            self.keep(x)
+        return self.new(x.n, "f32", x.grad)
+
+    def group_norm(self, x, trainable_affine=True):
+        (x,) = self._black(x)
+        if x.grad or trainable_affine:
+            self.keep(x)
+        return self.new(x.n, "f32", x.grad or trainable_affine)
+
+    def dropout(self, x):
+        """Dropout(p=0): identity in eval mode (and always in PyTorch); a Paddle module in train mode
+        runs the op and keeps a uint8 mask."""
+        if not self.dropout_train:
+            return x
+        out = self.new(x.n, x.dt, x.grad)
+        if x.grad:
+            self.keep(self.new(x.n, "u8"))
+        return out
+
+    def attention(self, q, k, v, batch, heads, tokens):
+        """Returns the attention output (same element count as q)."""
+        if self.attention_kind == "math":
+            return self._math_attention(q, k, v, batch, heads, tokens)
+        if self.engine == "torch":
+            q, k, v = self._white(q, k, v)  # SDPA is on autocast's low-precision list; fp32: mem-efficient
+        elif self.amp and q.dt == "lp":
+            q, k, v = self._white(q, k, v)  # flash_attn is on Paddle's AMP white list
+        else:
+            q, k, v = self._gray(q, k, v)   # memory-efficient (cutlass) attention runs in fp32
+        recorded = q.grad or k.grad or v.grad
+        out = self.new(q.n, q.dt, recorded)
+        if recorded:
+            self.keep(q, k, v, out, self.new(batch * heads * tokens, "f32"))  # + log-sum-exp
+        return out
+
+    def _math_attention(self, q, k, v, batch, heads, tokens):
+        """``paddle_compat.math_attention``: softmax(q k^T * scale) v with the probabilities kept."""
+        n2 = batch * heads * tokens * tokens
+        qs = self.scale(self.view(q))                      # q.transpose(...) * scale
+        scores = self.matmul(qs, self.view(k), n2)         # keeps qs and k
+        probs = self.new(n2, "f32", scores.grad)           # softmax(scores.astype(f32))
+        if probs.grad:
+            self.keep(probs)
+        probs = self.cast(probs, q.dt)
+        out = self.matmul(probs, self.view(v), q.n)        # keeps probs and v
+        return self.new(out.n, out.dt, out.grad)           # transpose + reshape -> contiguous copy
+
+
+def _peft_linear(tr, x, fan_in, fan_out, weight_dt, lora, rank):
+    """``nn.Linear`` (lora None) or the PEFT LoRA wrapper around it (lora 'active' / 'disabled').
+
+    ppdiffusers.peft casts the result back to the *input's* dtype; PyTorch's peft to the base layer's
+    result dtype. That difference decides whether our student's attention sees fp32 queries."""
+    rows = x.n // fan_in
+    result = tr.matmul(x, tr.param(fan_in * fan_out, weight_dt), rows * fan_out)
+    if lora is None:
+        return result
+    target_dt = x.dt if tr.peft_cast == "input" else result.dt
+    if lora == "active":
+        xa = tr.cast(x, "f32", copy=True)  # x.cast(lora_A.weight.dtype): LoRA weights are fp32
+        a = tr.matmul(xa, tr.param(fan_in * rank, "f32", trainable=True), rows * rank)
+        b = tr.matmul(a, tr.param(rank * fan_out, "f32", trainable=True), rows * fan_out)
+        result = tr.add(result, tr.scale(b))
+    return tr.cast(result, target_dt)
+
+
+def trace_block(tr, h, ctx, temb, *, width, heads, batch, n_img, n_txt, last, weight_dt, lora, rank):
+    """One ``JointTransformerBlock`` (ppdiffusers 0.29 / diffusers 0.30 have the same op sequence)."""
+    d = width
+
+    def linear(x, fan_in, fan_out, target=True):
+        return _peft_linear(tr, x, fan_in, fan_out, weight_dt, lora if target else None, rank)
+
+    def modulate(x, scale, shift):  # norm(x) * (1 + scale[:, None]) + shift[:, None]
+        return tr.add(tr.mul(tr.layer_norm(x), tr.scale(scale)), shift)
+
+    emb = linear(tr.activation(temb), d, 6 * d)                        # norm1.linear(silu(temb))
+    chunk = Trace.view(emb, batch * d)                                  # shift/scale/gate (msa, mlp)
+    x = modulate(h, chunk, chunk)
+    cemb = linear(tr.cast(tr.activation(temb), ctx.dt) if last else tr.activation(temb), d, (2 if last else 6) * d)
+    cchunk = Trace.view(cemb, batch * d)
+    cx = modulate(ctx, cchunk, cchunk)
+
+    q, k, v = (linear(x, d, d) for _ in range(3))                       # to_q/k/v (LoRA)
+    cq, ck, cv = (linear(cx, d, d, target=False) for _ in range(3))    # add_q/k/v_proj (no LoRA)
+    q, k, v = tr.concat(q, cq), tr.concat(k, ck), tr.concat(v, cv)
+    out = tr.attention(q, k, v, batch, heads, n_img + n_txt)
+    out = tr.cast(out, q.dt)                                            # .astype(query.dtype)
+    attn = tr.dropout(linear(Trace.view(out, batch * n_img * d), d, d))  # to_out.0, to_out.1
+    cattn = None if last else linear(Trace.view(out, batch * n_txt * d), d, d)  # to_add_out
+
+    h = tr.add(h, tr.mul(chunk, attn))
+    f = tr.activation(linear(modulate(h, chunk, chunk), d, 4 * d))     # ff.net.0 (proj + GELU)
+    f = linear(tr.dropout(f), 4 * d, d)                                 # ff.net.1, ff.net.2
+    h = tr.add(h, tr.mul(chunk, f))
+    if last:
+        return h, None
+    ctx = tr.add(ctx, tr.mul(cchunk, cattn))
+    g = tr.activation(linear(modulate(ctx, cchunk, cchunk), d, 4 * d))
+    g = linear(tr.dropout(g), 4 * d, d)
+    return h, tr.add(ctx, tr.mul(cchunk, g))
+
+
+def trace_transformer(tr, config, *, batch, resolution, role, rank=0, input_dt="lp", input_grad=False,
+                      embeds_dt="lp", weight_dt="lp", lora=None):
+    """The SD3 transformer forward (``role`` 'student': full model with output head; 'backbone': the
+    discriminator's feature extractor, stopping after the blocks). Returns a dict with the bytes kept
+    outside the blocks, per block, the block-input bytes (what gradient checkpointing keeps) and the
+    per-block image-token outputs (the discriminator features)."""
+    d, heads, p = _width(config), int(config["num_attention_heads"]), int(config["patch_size"])
+    grid = resolution // VAE_FACTOR // p
+    n_img, n_txt = grid * grid, TEXT_TOKENS
+    c_in = int(config["in_channels"])
+
+    def linear(x, fan_in, fan_out, target=True):
+        return _peft_linear(tr, x, fan_in, fan_out, weight_dt, lora if target else None, rank)
+
+    start = tr.saved_bytes()
+    # inputs exist before the forward (external storages, sid None); they are tiny next to the activations
+    latent = Tensor(batch * c_in * (grid * p) ** 2, input_dt, input_grad, None)
+    # pos_embed: proj (Conv2d patchify; LoRA-wrapped in the student) + positional table, cast to proj dtype
+    proj = linear(latent, c_in * p * p, d)
+    h = tr.cast(tr.add(proj, tr.param(n_img * d, weight_dt)), proj.dt)  # (latent + pos_embed).cast(latent.dtype)
+    # time_text_embed: time_proj (f32) cast to the pooled dtype, two MLPs; context_embedder
+    t = linear(tr.activation(linear(tr.cast(tr.new(batch * 256, "f32"), embeds_dt), 256, d)), d, d)
+    pooled = Tensor(batch * int(config["pooled_projection_dim"]), embeds_dt, False, None)
+    temb = tr.add(t, linear(tr.activation(linear(pooled, int(config["pooled_projection_dim"]), d)), d, d))
+    ctx = linear(Tensor(batch * n_txt * int(config["joint_attention_dim"]), embeds_dt, False, None),
+                 int(config["joint_attention_dim"]), int(config["caption_projection_dim"]))
+    prologue = tr.saved_bytes() - start
+
+    per_block, block_inputs, features = [], [], []
+    layers = int(config["num_layers"])
+    for i in range(layers):
+        block_inputs.append(tr.sizes[h.sid] + tr.sizes[ctx.sid] + tr.sizes[temb.sid])
+        before = tr.saved_bytes()
+        h, ctx = trace_block(tr, h, ctx, temb, width=d, heads=heads, batch=batch, n_img=n_img, n_txt=n_txt,
+                             last=i == layers - 1, weight_dt=weight_dt, lora=lora, rank=rank)
+        per_block.append(tr.saved_bytes() - before)
+        features.append(h)
+    epilogue = 0
+    if role == "student":
+        before = tr.saved_bytes()
+        emb = _peft_linear(tr, tr.cast(tr.activation(temb), h.dt), d, 2 * d, weight_dt, None, rank)  # norm_out
+        y = tr.add(tr.mul(tr.layer_norm(h), tr.scale(Trace.view(emb, batch * d))), Trace.view(emb, batch * d))
+        linear(y, d, p * p * int(config.get("out_channels") or c_in))   # proj_out (LoRA)
+        epilogue = tr.saved_bytes() - before
+    return {"prologue": prologue, "per_block": per_block, "block_inputs": block_inputs, "epilogue": epilogue,
+            "features": features, "n_img": n_img, "n_txt": n_txt, "stream_dt": h.dt}
+
+
+def trace_heads(tr, features, width, *, torch_inplace=False):
+    """The discriminator heads on every block feature: returns the bytes they keep for backward."""
+    before = tr.saved_bytes()
+    for feature in features:
+        n = feature.n
+        x = Trace.view(feature)  # tokens.transpose([0, 2, 1]).reshape([B, C, H, W]): views in both frameworks
+
+        def conv(inp, fan_out_per_pixel):
+            out = tr.matmul(inp, tr.param(width * fan_out_per_pixel, "f32", trainable=True),
+                            n // width * fan_out_per_pixel)
+            if tr.engine == "paddle":  # Paddle adds the fp32 bias as a separate (promoting) op
+                out = tr.add(out, tr.param(fan_out_per_pixel, "f32", trainable=True))
+            return out
+
+        first = tr.activation(tr.group_norm(conv(x, width)), inplace=torch_inplace)
+        second = tr.activation(tr.group_norm(conv(first, width)), inplace=torch_inplace)
+        conv(tr.add(second, first), 1)
+    return tr.saved_bytes() - before
+
+
+# ----------------------------------------------------------------------------------------------
+# The budget of one training step
+# ----------------------------------------------------------------------------------------------
+def _nograd_working_set(batch, tokens, width, heads, act_bytes, attention):
+    """Transient bytes of one block of a forward without gradients: the MLP working set (stream,
+    two 4x-wide activations, an fp32 cast of one) or, with plain attention, the N x N scores."""
+    mlp = batch * tokens * width * (4 + 8 * act_bytes + 16)
+    if attention != "math":
+        return mlp
+    return max(mlp, batch * heads * tokens * tokens * (act_bytes + 4 + 4))
+
+
+def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp16", gradient_checkpointing=False,
+                implementation="ours", share_teacher_weights=False, attention="auto", text_encoders_on_gpu=True,
+                kappa=None, config=None, peft_cast=None) -> dict:
+    """Peak GPU memory (bytes) of one training step, with the static part itemised.
+
+    implementation 'ours' (this Paddle trainer) or 'reference' (the PyTorch script that was measured)."""
+    config = dict(config or SD3_MEDIUM_TRANSFORMER)
+    kappa = KAPPA if kappa is None else kappa
+    engine = "paddle" if implementation == "ours" else "torch"
+    attention = attention if implementation == "ours" else "auto"  # the reference was measured with SDPA
+    amp = mixed_precision in ("fp16", "bf16")
+    lp_bytes = 2
+    wbytes = 2 if amp else 4
+    wdt = "lp" if amp else "f32"
+    B, d, heads = batch_size, _width(config), int(config["num_attention_heads"])
+    layers = int(config["num_layers"])
+    share = share_teacher_weights and implementation == "ours"
+
+    # ---- static: weights, trainable state
+    p_tr = transformer_parameter_count(config)
+    pos_table = int(config["pos_embed_max_size"]) ** 2 * d
+    p_lora = lora_parameter_count(config, lora_rank)
+    p_heads = layers * head_parameter_count(d)
+    p_text = clip_text_parameter_count(CLIP_L) + clip_text_parameter_count(CLIP_G) + t5_encoder_parameter_count(T5_XXL)
+    static = {
+        "teacher (fp32)": 0 if share else (p_tr + pos_table) * 4,
+        f"student ({'fp32' if not amp else mixed_precision})": (p_tr + pos_table) * wbytes,
+        "text encoders": p_text * wbytes if text_encoders_on_gpu else 0,
+        "VAE (fp32)": vae_parameter_count(SD3_VAE) * 4,
+        "LoRA params+grads+AdamW (fp32)": p_lora * 4 * 4,
+        "heads params+grads+AdamW (fp32)": p_heads * 4 * 4,
+    }
+    static_total = sum(static.values())
+
+    # ---- traced activations
+    def tracer(dropout_train=False):
+        return Trace(engine, amp, lp_bytes, attention, dropout_train=dropout_train, peft_cast=peft_cast)
+
+    student_train = implementation == "reference" or gradient_checkpointing  # ours: train() only with ckpt
+    teacher_train = implementation == "ours" and gradient_checkpointing
+    st_tr = tracer(student_train)
+    student = trace_transformer(st_tr, config, batch=B, resolution=resolution, role="student", rank=lora_rank,
+                                input_dt=wdt, input_grad=False, embeds_dt=wdt, weight_dt=wdt, lora="active")
+    S_full = st_tr.saved_bytes()
+    backbone_weight_dt = wdt if share else "f32"
+    backbone_lora = "disabled" if share else None
+    disc_tr = tracer(teacher_train)
+    fake = trace_transformer(disc_tr, config, batch=B, resolution=resolution, role="backbone", rank=lora_rank,
+                             input_dt="f32", input_grad=True, embeds_dt="f32", weight_dt=backbone_weight_dt,
+                             lora=backbone_lora)
+    T_full = disc_tr.saved_bytes()
+    H_g = trace_heads(disc_tr, fake["features"], d, torch_inplace=engine == "torch")
+    n_img, n_txt = student["n_img"], student["n_txt"]
+    tokens = n_img + n_txt
+
+    # D step: backbone on detached samples (ours: fake and real as one batch of 2B; reference: two passes)
+    d_batch = 2 * B if implementation == "ours" else B
+    dtr = tracer(teacher_train)
+    dpass = trace_transformer(dtr, config, batch=d_batch, resolution=resolution, role="backbone", rank=lora_rank,
+                              input_dt="f32", input_grad=False, embeds_dt="f32", weight_dt=backbone_weight_dt,
+                              lora=backbone_lora)
+    H_d = trace_heads(dtr, dpass["features"], d, torch_inplace=engine == "torch")
+    feature_bytes = sum(dtr.sizes[f.sid] for f in dpass["features"])
+
+    act = 4 if not amp else lp_bytes
+    teacher_nograd = _nograd_working_set(2 * B if implementation == "ours" else B, tokens, d, heads, act, attention)
+    student_nograd = _nograd_working_set(B, tokens, d, heads, act, attention)
+    vae_transient = B * 128 * resolution * resolution * 4 * 3
+    if attention == "math":
+        vae_transient = max(vae_transient, B * (resolution // VAE_FACTOR) ** 4 * 4 * 2)
+
+    # checkpointing: block inputs kept, one block recomputed at a time in backward
+    S_ck = student["prologue"] + student["epilogue"] + sum(student["block_inputs"])
+    S_blk = max(student["per_block"])
+    T_ck = fake["prologue"] + sum(fake["block_inputs"])
+    T_blk = max(fake["per_block"])
+    S_g = S_ck if gradient_checkpointing else S_full
+    T_g = T_ck if (gradient_checkpointing and implementation == "ours") else T_full
+
+    phases = {
+        "step start: VAE encode": vae_transient,
+        "G: teacher CFG pass (no grad)": S_g + teacher_nograd,
+        "G: target student pass (no grad)": S_g + student_nograd,
+        "G: discriminator g_loss, end of forward": S_g + T_g + H_g,
+    }
+    if gradient_checkpointing:
+        if implementation == "ours":
+            phases["G: backward, first teacher block recomputed"] = S_g + T_g + H_g + T_blk
+        phases["G: backward, student block recomputed"] = S_g + S_blk + student_nograd
+    if implementation == "ours":
+        phases["D: student / teacher / target passes (no grad)"] = max(teacher_nograd, student_nograd)
+        phases["D: discriminator d_loss (2B batch), end of forward"] = feature_bytes + H_d
+    else:  # the reference runs the student with gradients in D steps too, and D(fake), D(real) separately
+        phases["D: discriminator d_loss (fake, real passes)"] = S_g + 2 * H_d + feature_bytes
+    peak_phase = max(phases, key=phases.get)
+    activations = {
+        "student forward (saved)": S_g, "teacher as discriminator, G step (saved, incl. weight casts)": T_g,
+        "discriminator heads, G step (saved)": H_g, "discriminator heads, D step (saved)": H_d,
+    }
+    # bytes kept per token and channel, per block (per image token for the heads) - the README's formulas
+    per_tc = {
+        "student block": sum(student["per_block"]) / (layers * B * tokens * d),
+        "teacher-as-discriminator block": sum(fake["per_block"]) / (layers * B * tokens * d),
+        "discriminator head": H_g / (layers * B * n_img * d),
+    }
+    return {
+        "implementation": implementation, "resolution": resolution, "batch_size": B, "lora_rank": lora_rank,
+        "mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing,
+        "share_teacher_weights": share, "attention": attention,
+        "tokens": {"image": n_img, "text": n_txt},
+        "parameters": {"transformer": p_tr, "lora": p_lora, "heads": p_heads, "text_encoders": p_text,
+                       "vae": vae_parameter_count(SD3_VAE)},
+        "static_bytes": static, "static_total_bytes": static_total,
+        "activation_bytes_raw": activations, "phase_activation_bytes_raw": phases,
+        "student_stream_dtype": student["stream_dt"], "kappa": kappa, "bytes_per_token_channel": per_tc,
+        "peak_phase": peak_phase, "peak_bytes": static_total + kappa * phases[peak_phase],
+        "peak_gib": (static_total + kappa * phases[peak_phase]) / GiB,
+    }
+
+
+def calibrate() -> float:
+    """``KAPPA`` such that the reference's no-checkpointing G-step peak is the measured 57.2 GiB."""
+    raw = step_budget(implementation="reference", gradient_checkpointing=False, kappa=1.0)
+    act = raw["phase_activation_bytes_raw"][raw["peak_phase"]]
+    return (REFERENCE_MEASURED_GIB["no_checkpointing"] * GiB - raw["static_total_bytes"]) / act
+
+
+KAPPA = calibrate()
+
+
+def fits(peak_gib: float) -> dict:
+    """Which cards hold the peak with ``HEADROOM`` left for fragmentation and the CUDA context."""
+    return {name: peak_gib <= (1 - HEADROOM) * size for name, size in CARDS_GIB.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+TABLE_ROWS = [
+    # (label, implementation, resolution, batch, ckpt, share)
+    ("reference (PyTorch), measured 57.2", "reference", 1024, 2, False, False),
+    ("reference (PyTorch), measured 41.2", "reference", 1024, 2, True, False),
+    ("ours", "ours", 1024, 2, False, False),
+    ("ours", "ours", 1024, 2, True, False),
+    ("ours", "ours", 1024, 1, False, False),
+    ("ours", "ours", 1024, 1, True, False),
+    ("ours", "ours", 512, 2, False, False),
+    ("ours", "ours", 512, 2, True, False),
+    ("ours --share_teacher_weights (planned)", "ours", 1024, 2, False, True),
+    ("ours --share_teacher_weights (planned)", "ours", 1024, 2, True, True),
+]
+
+
+def _row(label, result) -> dict:
+    ok = fits(result["peak_gib"])
+    return {
+        "label": label, "implementation": result["implementation"], "resolution": result["resolution"],
+        "batch_size": result["batch_size"], "gradient_checkpointing": result["gradient_checkpointing"],
+        "share_teacher_weights": result["share_teacher_weights"],
+        "static_gib": round(result["static_total_bytes"] / GiB, 1),
+        "peak_gib": round(result["peak_gib"], 1), "peak_phase": result["peak_phase"],
+        "fits_40GB": ok["40GB"], "fits_80GB": ok["80GB"],
+    }
+
+
+def print_rows(rows, out=sys.stdout):
+    header = f"{'configuration':<40} {'px':>5} {'B':>2} {'ckpt':>4} {'static':>7} {'peak':>7}  {'40GB':<4} {'80GB':<4} peak phase"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for r in rows:
+        print(f"{r['label']:<40} {r['resolution']:>5} {r['batch_size']:>2} {'yes' if r['gradient_checkpointing'] else 'no':>4} "
+              f"{r['static_gib']:>7.1f} {r['peak_gib']:>7.1f}  {'yes' if r['fits_40GB'] else 'no':<4} "
+              f"{'yes' if r['fits_80GB'] else 'no':<4} {r['peak_phase']}", file=out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--batch_size", type=int, default=2, help="per-GPU batch (--train_batch_size)")
+    parser.add_argument("--lora_rank", type=int, default=32)
+    parser.add_argument("--mixed_precision", default="fp16", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--share_teacher_weights", action="store_true",
+                        help="planned option: teacher/discriminator backbone = the student's frozen base")
+    parser.add_argument("--implementation", default="ours", choices=["ours", "reference"])
+    parser.add_argument("--attention", default="auto", choices=["auto", "math"],
+                        help="auto: fused attention as on a GPU; math: plain attention (CPU, or "
+                             "FLAGS_cudnn_deterministic / FLAGS_sdpa_select_math set)")
+    parser.add_argument("--peft_cast", default="input", choices=["input", "result"],
+                        help="what-if: dtype our LoRA layers return. input = ppdiffusers.peft today (the fp32 "
+                             "LayerNorm output's, so the student's stream and attention run in fp32); result = the "
+                             "base layer's (PyTorch peft)")
+    parser.add_argument("--table", action="store_true", help="print the README table (fixed configurations)")
+    parser.add_argument("--verify_counts", action="store_true",
+                        help="also build SD3-medium's transformer and VAE under paddle.LazyGuard and compare counts")
+    args = parser.parse_args(argv)
+    if args.resolution % (VAE_FACTOR * int(SD3_MEDIUM_TRANSFORMER["patch_size"])):
+        parser.error("--resolution must be a multiple of 16")
+
+    summary = {"kappa": round(KAPPA, 4), "headroom": HEADROOM}
+    ref = {k: step_budget(implementation="reference", gradient_checkpointing=ck)["peak_gib"]
+           for k, ck in (("no_checkpointing", False), ("gradient_checkpointing", True))}
+    summary["calibration"] = {k: {"measured_gib": REFERENCE_MEASURED_GIB[k], "model_gib": round(v, 2),
+                                  "error": round(v / REFERENCE_MEASURED_GIB[k] - 1, 4)} for k, v in ref.items()}
+    if args.verify_counts:
+        summary["lazy_counts"] = {k: {"lazy": a, "formula": b} for k, (a, b) in verify_counts_lazily().items()}
+
+    if args.table:
+        rows = []
+        for label, impl, res, bs, ck, share in TABLE_ROWS:
+            ours = impl == "ours"  # the reference rows are the measured (calibration) configuration
+            result = step_budget(resolution=res, batch_size=bs, lora_rank=args.lora_rank if ours else 32,
+                                 mixed_precision=args.mixed_precision if ours else "fp16", gradient_checkpointing=ck,
+                                 implementation=impl, share_teacher_weights=share, attention=args.attention,
+                                 peft_cast=args.peft_cast if ours else None)
+            rows.append(_row(label, result))
+        print(f"SD3-medium, ours: {args.mixed_precision}, LoRA rank {args.lora_rank}, attention {args.attention}"
+              f"{', what-if --peft_cast result' if args.peft_cast == 'result' else ''}; reference: fp16, rank 32; "
+              f"kappa {KAPPA:.4f}")
+        print(f"peak GiB per GPU (allocated); fits = peak <= {1 - HEADROOM:.0%} of a 40 / 80 GiB card "
+              f"({HEADROOM:.0%} left for allocator fragmentation and the CUDA context)")
+        print_rows(rows)
+        summary["rows"] = rows
+    else:
+        result = step_budget(resolution=args.resolution, batch_size=args.batch_size, lora_rank=args.lora_rank,
+                             mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                             implementation=args.implementation, share_teacher_weights=args.share_teacher_weights,
+                             attention=args.attention,
+                             peft_cast=args.peft_cast if args.implementation == "ours" else None)
+        label = args.implementation + (" --share_teacher_weights (planned)" if result["share_teacher_weights"] else "")
+        print_rows([_row(label, result)])
+        print("static:", ", ".join(f"{k} {v / GiB:.2f}" for k, v in result["static_bytes"].items()), "GiB")
+        print("activations (x kappa):", ", ".join(f"{k} {v * KAPPA / GiB:.2f}"
+                                                  for k, v in result["activation_bytes_raw"].items()), "GiB")
+        summary["result"] = {**_row(label, result),
+                             "static_gib_items": {k: round(v / GiB, 3) for k, v in result["static_bytes"].items()},
+                             "activation_gib": {k: round(v * KAPPA / GiB, 3)
+                                                for k, v in result["activation_bytes_raw"].items()},
+                             "phase_gib": {k: round((result["static_total_bytes"] + KAPPA * v) / GiB, 2)
+                                           for k, v in result["phase_activation_bytes_raw"].items()},
+                             "parameters": result["parameters"], "student_stream_dtype": result["student_stream_dtype"],
+                             "bytes_per_token_channel": {k: round(v, 2) for k, v in
+                                                         result["bytes_per_token_channel"].items()}}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
