@@ -2,7 +2,7 @@
 
 Every entry point of this project (trainer, scheduler modules, scripts) imports
 this module first; importing it calls :func:`apply`, which closes the three gaps
-measured in ENVIRONMENT.md and two more found while building the trainer:
+measured in ENVIRONMENT.md and three more found while building the trainer:
 
 1. ``ppdiffusers.peft`` calls ``.keys()/.items()/.values()`` on
    ``paddle.nn.ParameterDict``, which Paddle 3 no longer provides.
@@ -21,6 +21,11 @@ measured in ENVIRONMENT.md and two more found while building the trainer:
 5. ``StableDiffusion3Pipeline`` checks for prompt truncation with
    ``paddle.equal(ids, untruncated_ids)`` (a port of ``torch.equal``); on Paddle 3
    that raises for tensors of different lengths, so any prompt over 77 tokens fails.
+
+6. ``ppdiffusers.peft``'s LoRA ``Linear`` casts its output to the *input's* dtype, where PyTorch's PEFT
+   keeps the base layer's result dtype. Under fp16 autocast the inputs of most LoRA layers are fp32
+   LayerNorm outputs, so the student's whole residual stream would turn fp32 (about 6.6 GiB more
+   activations at 1024 px, batch 2: see ``scripts/memory_budget.py``). Same values in fp32 runs.
 
 ``apply()`` is idempotent and each shim is a no-op where it is not needed.
 It also sets ``USE_PEFT_BACKEND=True`` (the seed snippet's setting) unless the
@@ -225,6 +230,34 @@ def _patch_sd3_prompt_truncation() -> bool:
     return True
 
 
+# --- 6. LoRA Linear keeps the base layer's result dtype -----------------------------------
+def lora_linear_forward(self, x, *args, **kwargs):
+    """``ppdiffusers.peft`` LoRA ``Linear.forward`` with PyTorch PEFT's dtype rule: the LoRA branch runs in
+    the adapter weights' dtype and the sum is returned in the base layer's result dtype."""
+    if self.disable_adapters and self.merged:
+        self.unmerge()
+    result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters or self.merged:
+        return result
+    result_dtype = result.dtype
+    for adapter in self.active_adapters:
+        if adapter not in self.lora_A.keys():
+            continue
+        lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
+        branch = lora_B(lora_A(self.lora_dropout[adapter](x.cast(lora_A.weight.dtype)))) * self.scaling[adapter]
+        result = result + branch.cast(result_dtype)
+    return result
+
+
+def _patch_lora_linear_dtype() -> bool:
+    from ppdiffusers.peft.tuners.lora.layer import Linear
+
+    if Linear.forward is lora_linear_forward:
+        return False
+    Linear.forward = lora_linear_forward
+    return True
+
+
 def apply() -> dict:
     """Apply every shim (idempotent). Returns which ones changed something on this call."""
     import ppdiffusers  # noqa: F401  (defines its own attention first where it can)
@@ -235,6 +268,7 @@ def apply() -> dict:
         "sd3_lora_rank": _patch_sd3_lora_rank(),
         "sd3_gradient_checkpointing": _patch_sd3_checkpointing(),
         "sd3_long_prompts": _patch_sd3_prompt_truncation(),
+        "lora_result_dtype": _patch_lora_linear_dtype(),
     }
     return changed
 

@@ -246,8 +246,9 @@ class Trace:
     def __init__(self, engine: str, amp: bool, lp_bytes: int = 2, attention: str = "auto", dropout_train=False,
                  peft_cast: str = None):
         self.engine, self.amp, self.lp_bytes, self.attention_kind = engine, amp, lp_bytes, attention
-        # dtype a LoRA layer returns: ppdiffusers.peft the input's, PyTorch peft the base layer result's
-        self.peft_cast = peft_cast or ("input" if engine == "paddle" else "result")
+        # dtype a LoRA layer returns: the base layer result's (PyTorch peft, and ppdiffusers.peft with
+        # paddle_compat's shim 6); "input" = ppdiffusers.peft without the shim
+        self.peft_cast = peft_cast or "result"
         self.dropout_train = dropout_train and engine == "paddle"
         self.sizes, self.saved, self._next = {}, {}, 0
 
@@ -670,8 +671,8 @@ TABLE_ROWS = [
     ("ours", "ours", 1024, 1, True, False),
     ("ours", "ours", 512, 2, False, False),
     ("ours", "ours", 512, 2, True, False),
-    ("ours --share_teacher_weights (planned)", "ours", 1024, 2, False, True),
-    ("ours --share_teacher_weights (planned)", "ours", 1024, 2, True, True),
+    ("ours --share_teacher_weights", "ours", 1024, 2, False, True),
+    ("ours --share_teacher_weights", "ours", 1024, 2, True, True),
 ]
 
 
@@ -705,15 +706,15 @@ def main(argv=None) -> int:
     parser.add_argument("--mixed_precision", default="fp16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--share_teacher_weights", action="store_true",
-                        help="planned option: teacher/discriminator backbone = the student's frozen base")
+                        help="--share_teacher_weights: teacher/discriminator backbone = the student's frozen base")
     parser.add_argument("--implementation", default="ours", choices=["ours", "reference"])
     parser.add_argument("--attention", default="auto", choices=["auto", "math"],
                         help="auto: fused attention as on a GPU; math: plain attention (CPU, or "
                              "FLAGS_cudnn_deterministic / FLAGS_sdpa_select_math set)")
-    parser.add_argument("--peft_cast", default="input", choices=["input", "result"],
-                        help="what-if: dtype our LoRA layers return. input = ppdiffusers.peft today (the fp32 "
-                             "LayerNorm output's, so the student's stream and attention run in fp32); result = the "
-                             "base layer's (PyTorch peft)")
+    parser.add_argument("--peft_cast", default="result", choices=["input", "result"],
+                        help="dtype our LoRA layers return. result = the base layer's (PyTorch peft; ppdiffusers.peft "
+                             "with paddle_compat); input = what-if without paddle_compat's shim (the fp32 LayerNorm "
+                             "output's, so the student's stream and attention run in fp32)")
     parser.add_argument("--table", action="store_true", help="print the README table (fixed configurations)")
     parser.add_argument("--verify_counts", action="store_true",
                         help="also build SD3-medium's transformer and VAE under paddle.LazyGuard and compare counts")
@@ -739,7 +740,7 @@ def main(argv=None) -> int:
                                  peft_cast=args.peft_cast if ours else None)
             rows.append(_row(label, result))
         print(f"SD3-medium, ours: {args.mixed_precision}, LoRA rank {args.lora_rank}, attention {args.attention}"
-              f"{', what-if --peft_cast result' if args.peft_cast == 'result' else ''}; reference: fp16, rank 32; "
+              f"{', what-if --peft_cast input (no compat shim)' if args.peft_cast == 'input' else ''}; reference: fp16, rank 32; "
               f"kappa {KAPPA:.4f}")
         print(f"peak GiB per GPU (allocated); fits = peak <= {1 - HEADROOM:.0%} of a 40 / 80 GiB card "
               f"({HEADROOM:.0%} left for allocator fragmentation and the CUDA context)")
@@ -751,7 +752,7 @@ def main(argv=None) -> int:
                              implementation=args.implementation, share_teacher_weights=args.share_teacher_weights,
                              attention=args.attention,
                              peft_cast=args.peft_cast if args.implementation == "ours" else None)
-        label = args.implementation + (" --share_teacher_weights (planned)" if result["share_teacher_weights"] else "")
+        label = args.implementation + (" --share_teacher_weights" if result["share_teacher_weights"] else "")
         print_rows([_row(label, result)])
         print("static:", ", ".join(f"{k} {v / GiB:.2f}" for k, v in result["static_bytes"].items()), "GiB")
         print("activations (x kappa):", ", ".join(f"{k} {v * KAPPA / GiB:.2f}"

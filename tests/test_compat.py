@@ -178,3 +178,25 @@ def test_paddle_lora_ranks_reads_paddle_layout():
     state = {"x.lora_B.weight": np.zeros([4, 96]), "conv.lora_B.weight": np.zeros([32, 4, 1, 1]),
              "x.lora_A.weight": np.zeros([16, 4])}
     assert paddle_compat.paddle_lora_ranks(state) == {"x.lora_B.weight": 4, "conv.lora_B.weight": 4}
+
+
+def test_lora_linear_keeps_the_base_result_dtype():
+    """PyTorch PEFT's rule (gap 6): the output has the base layer's result dtype, not the input's.
+    Under fp16 autocast that is fp16 where ppdiffusers would return the fp32 of its LayerNorm input."""
+    from ppdiffusers.peft.tuners.lora.layer import Linear as LoraLinear
+
+    class Float64Result(paddle.nn.Linear):  # stands in for an autocast matmul whose result dtype differs
+        def forward(self, x):
+            return super().forward(x).astype("float64")
+
+    paddle.seed(0)
+    layer = LoraLinear(Float64Result(4, 3), "default", r=2, lora_alpha=4)
+    paddle.nn.initializer.Normal()(layer.lora_B["default"].weight)
+    x = paddle.randn([5, 4])
+    out = layer(x)
+    assert out.dtype == paddle.float64
+    a, b = layer.lora_A["default"].weight.numpy(), layer.lora_B["default"].weight.numpy()
+    base = x.numpy() @ layer.base_layer.weight.numpy() + layer.base_layer.bias.numpy()
+    np.testing.assert_allclose(out.numpy(), base + x.numpy() @ a @ b * 2.0, rtol=1e-5, atol=1e-6)
+    layer._disable_adapters = True
+    np.testing.assert_allclose(layer(x).numpy(), base, rtol=1e-6, atol=1e-6)

@@ -43,7 +43,7 @@ def test_script_prints_table_and_json_line():
     lines = result.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
     assert len(summary["rows"]) == len(mb.TABLE_ROWS)
-    assert any("planned" in row["label"] and row["share_teacher_weights"] for row in summary["rows"])
+    assert any("--share_teacher_weights" in row["label"] and row["share_teacher_weights"] for row in summary["rows"])
     assert set(summary["calibration"]) == {"no_checkpointing", "gradient_checkpointing"}
     assert "configuration" in result.stdout and "80GB" in result.stdout
 
