@@ -2,7 +2,8 @@
 # Quick start on CPU: the whole job end to end on the embedded default, in about a minute.
 #   1. set up the venv (first run: installs requirements.txt)
 #   2. build the tiny random SD3 teacher and tiny CC3M-style webdataset shards
-#   3. train with the seed's launch command shape: paddle.distributed.launch, 2 CPU ranks
+#   3. train with the seed's launch command shape: paddle.distributed.launch, 2 CPU ranks, every seed flag
+#      (fp32 instead of fp16, tiny sizes, wandb offline unless WANDB_MODE says otherwise)
 #   4. generate an image from the trained LoRA with the PCM scheduler (the seed inference snippet)
 # Everything goes to ./quickstart-output (or $1).
 set -euo pipefail
@@ -11,6 +12,7 @@ OUT="$(realpath -m "${1:-$REPO/quickstart-output}")"
 mkdir -p "$OUT"
 cd "$REPO"
 export PYTHONWARNINGS=ignore
+export WANDB_MODE="${WANDB_MODE:-offline}"   # --report_to wandb as in the seed command, logged locally
 
 [ -f "$OUT/tiny-sd3/model_index.json" ] || "$PY" scripts/make_tiny_sd3.py --output_dir "$OUT/tiny-sd3" --seed 0 > /dev/null 2>&1
 [ -d "$OUT/cc3m" ] || "$PY" scripts/make_tiny_cc3m.py --output_dir "$OUT/cc3m" --num_shards 4 --samples_per_shard 16 --seed 0 > /dev/null
@@ -42,7 +44,7 @@ echo "teacher: $OUT/tiny-sd3   data: $OUT/cc3m"
     --multiphase "4" \
     --adv_weight "0.1" \
     --adv_lr "1e-5" \
-    --report_to none
+    --report_to wandb
 
 "$PY" scripts/infer.py --pretrained_teacher_model "$OUT/tiny-sd3" \
     --lora "$OUT/lora_tiny_PCM_sd3/paddle_lora_weights.safetensors" \
