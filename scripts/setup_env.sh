@@ -15,7 +15,10 @@ STAMP="$VENV/.requirements.sha256"
 WANT="$(sha256sum "$REPO/requirements.txt" | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "installing requirements.txt into $VENV (about a minute)"
-  "$PY" -m pip install --quiet --disable-pip-version-check -r "$REPO/requirements.txt"
+  # (this machine's pip configuration may list local mirror folders that do not exist; hide that noise)
+  "$PY" -m pip install --quiet --disable-pip-version-check -r "$REPO/requirements.txt" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "pip install -r requirements.txt failed" >&2; exit 1; }
   echo "$WANT" > "$STAMP"
 fi
 export PY REPO
