@@ -28,3 +28,18 @@ def tiny_sd3(tmp_path_factory):
     from make_tiny_sd3 import make_tiny_sd3
 
     return make_tiny_sd3(str(tmp_path_factory.mktemp("tiny-sd3")), seed=0)
+
+
+def add_random_lora(transformer, rank: int, seed: int, std: float = 0.05):
+    """Give ``transformer`` the project's LoRA at ``rank`` with a non-zero, seeded ``lora_B`` (a stand-in for a
+    trained adapter; PEFT initialises lora_B to zero). Returns the transformer."""
+    import paddle
+
+    import pcm_lora
+
+    pcm_lora.add_pcm_lora(transformer, rank=rank)
+    paddle.seed(seed)
+    for name, param in transformer.named_parameters():
+        if "lora_B" in name:
+            param.set_value(paddle.randn(param.shape) * std)
+    return transformer

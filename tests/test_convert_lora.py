@@ -5,7 +5,7 @@ import os
 import numpy as np
 import paddle
 import pytest
-from conftest import run_python
+from conftest import add_random_lora, run_python
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -17,12 +17,7 @@ def our_lora(tiny_sd3, tmp_path_factory):
     """A rank-32 LoRA (alpha 8 -> scale 0.25) with non-zero lora_B, saved as the trainer does."""
     from ppdiffusers import SD3Transformer2DModel
 
-    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
-    pcm_lora.add_pcm_lora(transformer, rank=32)
-    paddle.seed(11)
-    for name, param in transformer.named_parameters():
-        if "lora_B" in name:
-            param.set_value(paddle.randn(param.shape) * 0.05)
+    transformer = add_random_lora(SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer"), 32, seed=11)
     folder = tmp_path_factory.mktemp("ours")
     path = pcm_lora.save_lora(transformer, str(folder), pdparams_copy=False)
     (folder / "training_args.json").write_text(json.dumps({"lora_rank": 32}))

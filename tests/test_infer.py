@@ -1,22 +1,15 @@
 """scripts/infer.py end to end on the tiny teacher."""
 import json
 
-from conftest import run_python
+from conftest import add_random_lora, run_python
 from PIL import Image
 
 
 def test_infer_with_and_without_lora(tiny_sd3, tmp_path):
-    import paddle
-
     import pcm_lora
     from ppdiffusers import SD3Transformer2DModel
 
-    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
-    pcm_lora.add_pcm_lora(transformer, rank=16)
-    paddle.seed(2)
-    for name, param in transformer.named_parameters():
-        if "lora_B" in name:
-            param.set_value(paddle.randn(param.shape) * 0.05)
+    transformer = add_random_lora(SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer"), 16, seed=2)
     pcm_lora.save_lora(transformer, str(tmp_path))
     (tmp_path / "training_args.json").write_text(json.dumps({"lora_rank": 16}))
     common = ["scripts/infer.py", "--pretrained_teacher_model", tiny_sd3, "--height", "64", "--width", "64",

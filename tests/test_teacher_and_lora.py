@@ -6,7 +6,7 @@ import textwrap
 import numpy as np
 import paddle
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO, add_random_lora, run_python
 
 import pcm_lora
 from make_tiny_sd3 import make_tiny_sd3
@@ -67,11 +67,7 @@ def trained_lora(tiny_sd3, tmp_path_factory):
     inputs = _fixed_inputs(transformer)
     with paddle.no_grad():
         base_out = transformer(**inputs).sample.numpy()
-    pcm_lora.add_pcm_lora(transformer, rank=32)
-    paddle.seed(7)
-    for name, param in transformer.named_parameters():
-        if "lora_B" in name:
-            param.set_value(paddle.randn(param.shape) * 0.05)
+    add_random_lora(transformer, rank=32, seed=7)
     with paddle.no_grad():
         lora_out = transformer(**inputs).sample.numpy()
     out_dir = str(tmp_path_factory.mktemp("lora"))
