@@ -459,6 +459,43 @@ class PCMStep:
 
 
 # ----------------------------------------------------------------------------------------------
+# Checkpoint contents (the atomic write, pruning and discovery are in checkpointing.py)
+# ----------------------------------------------------------------------------------------------
+def write_checkpoint_files(folder, args, student, discriminator, optimizer, adv_optimizer, lr_scheduler, scaler) -> list:
+    """Rank 0's part of a checkpoint: LoRA (the final output's format), heads, optimizers, schedule, scaler, args."""
+    pcm_lora.save_lora(student, folder, pdparams_copy=False)
+    files = {"discriminator_heads.pdparams": discriminator, "optimizer.pdopt": optimizer,
+             "adv_optimizer.pdopt": adv_optimizer, "lr_scheduler.pdparams": lr_scheduler}
+    if scaler is not None:
+        files["grad_scaler.pdparams"] = scaler
+    for name, owner in files.items():
+        paddle.save(owner.state_dict(), os.path.join(folder, name))
+    with open(os.path.join(folder, "training_args.json"), "w", encoding="utf-8") as f:
+        json.dump(vars(args), f, indent=2)
+    return [pcm_lora.LORA_WEIGHT_NAME, *files, "training_args.json"]
+
+
+def load_checkpoint_files(path, rank, student, discriminator, optimizer, adv_optimizer, lr_scheduler, scaler):
+    """Restore everything ``write_checkpoint_files`` and this rank's ``rank-R.pkl`` hold.
+    Returns ``(global_step, non-finite steps so far, data stream resume state)``."""
+    from ppdiffusers.peft import set_peft_model_state_dict
+    from ppdiffusers.utils import smart_load
+
+    lora = smart_load(os.path.join(path, pcm_lora.LORA_WEIGHT_NAME))
+    set_peft_model_state_dict(student, {k[len("transformer."):]: v for k, v in lora.items() if k.startswith("transformer.")})
+    discriminator.set_state_dict(paddle.load(os.path.join(path, "discriminator_heads.pdparams")))
+    optimizer.set_state_dict(paddle.load(os.path.join(path, "optimizer.pdopt")))
+    adv_optimizer.set_state_dict(paddle.load(os.path.join(path, "adv_optimizer.pdopt")))
+    lr_scheduler.set_state_dict(paddle.load(os.path.join(path, "lr_scheduler.pdparams")))
+    if scaler is not None and os.path.exists(os.path.join(path, "grad_scaler.pdparams")):
+        scaler.load_state_dict(paddle.load(os.path.join(path, "grad_scaler.pdparams")))
+    rank_state = checkpointing.load_rank_state(path, rank)
+    checkpointing.restore_rng_state(rank_state["rng"])
+    saved = checkpointing.read_checkpoint_state(path)
+    return int(saved["global_step"]), int(saved.get("nonfinite_steps", 0)), rank_state["data"]
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 def count_samples(data_path: str) -> int:
@@ -576,29 +613,12 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
     resume_path = None
     if args.resume_from_checkpoint:
         resume_path = checkpointing.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, warn=log)
-        if resume_path is not None:
-            saved = checkpointing.read_checkpoint_state(resume_path)
-            checkpointing.check_compatible(saved, run_layout, resume_path)
         if resume_path is None:
             log(f"no checkpoint in {args.output_dir}: starting fresh")
         else:
-            from ppdiffusers.peft import set_peft_model_state_dict
-            from ppdiffusers.utils import smart_load
-
-            lora_state = smart_load(os.path.join(resume_path, pcm_lora.LORA_WEIGHT_NAME))
-            lora_state = {k[len("transformer."):]: v for k, v in lora_state.items() if k.startswith("transformer.")}
-            set_peft_model_state_dict(student, lora_state)
-            discriminator.set_state_dict(paddle.load(os.path.join(resume_path, "discriminator_heads.pdparams")))
-            optimizer.set_state_dict(paddle.load(os.path.join(resume_path, "optimizer.pdopt")))
-            adv_optimizer.set_state_dict(paddle.load(os.path.join(resume_path, "adv_optimizer.pdopt")))
-            lr_scheduler.set_state_dict(paddle.load(os.path.join(resume_path, "lr_scheduler.pdparams")))
-            if scaler is not None and os.path.exists(os.path.join(resume_path, "grad_scaler.pdparams")):
-                scaler.load_state_dict(paddle.load(os.path.join(resume_path, "grad_scaler.pdparams")))
-            rank_state = checkpointing.load_rank_state(resume_path, rank)
-            checkpointing.restore_rng_state(rank_state["rng"])
-            data_resume = rank_state["data"]
-            global_step = int(saved["global_step"])
-            nonfinite_total = int(saved.get("nonfinite_steps", 0))
+            checkpointing.check_compatible(checkpointing.read_checkpoint_state(resume_path), run_layout, resume_path)
+            global_step, nonfinite_total, data_resume = load_checkpoint_files(
+                resume_path, rank, student, discriminator, optimizer, adv_optimizer, lr_scheduler, scaler)
             log(f"resumed from {resume_path} at step {global_step}")
 
     loader = build_train_dataloader(
@@ -622,21 +642,10 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
         saved_at["step"] = step
 
         def write_shared(folder):
-            pcm_lora.save_lora(student, folder, pdparams_copy=False)
-            paddle.save(discriminator.state_dict(), os.path.join(folder, "discriminator_heads.pdparams"))
-            paddle.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pdopt"))
-            paddle.save(adv_optimizer.state_dict(), os.path.join(folder, "adv_optimizer.pdopt"))
-            paddle.save(lr_scheduler.state_dict(), os.path.join(folder, "lr_scheduler.pdparams"))
-            files = [pcm_lora.LORA_WEIGHT_NAME, "discriminator_heads.pdparams", "optimizer.pdopt",
-                     "adv_optimizer.pdopt", "lr_scheduler.pdparams", "training_args.json"]
-            if scaler is not None:
-                paddle.save(scaler.state_dict(), os.path.join(folder, "grad_scaler.pdparams"))
-                files.append("grad_scaler.pdparams")
-            with open(os.path.join(folder, "training_args.json"), "w", encoding="utf-8") as f:
-                json.dump(vars(args), f, indent=2)
-            return files
+            return write_checkpoint_files(folder, args, student, discriminator, optimizer, adv_optimizer,
+                                          lr_scheduler, scaler)
 
-        return checkpointing.save_checkpoint(
+        return checkpointing.save_checkpoint(  # collective: every rank writes its part
             args.output_dir, step, rank, world_size, barrier, write_shared,
             {"rng": checkpointing.capture_rng_state(), "data": tracker.state_dict()},
             {**run_layout, "nonfinite_steps": nonfinite_total}, args.checkpoints_total_limit, log)
