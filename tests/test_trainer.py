@@ -6,6 +6,7 @@ import numpy as np
 import paddle
 import pytest
 from conftest import REPO, run_python
+from safetensors.numpy import load_file
 
 import checkpointing
 import pcm_lora
@@ -239,8 +240,6 @@ def test_defaults_match_the_reference():
 def test_share_teacher_weights_equals_a_separate_fp32_teacher_in_fp32(tiny_sd3, tiny_cc3m, tmp_path, checkpointing):
     """In fp32 the student's frozen base (LoRA off) is the teacher, weight for weight: same run, bit for bit,
     including the discriminator path recomputed under gradient checkpointing with the adapters off."""
-    from safetensors.numpy import load_file
-
     results = []
     for share in (False, True):
         out = tmp_path / f"share-{share}"
@@ -254,3 +253,96 @@ def test_share_teacher_weights_equals_a_separate_fp32_teacher_in_fp32(tiny_sd3, 
     for key in results[0]:
         np.testing.assert_array_equal(results[0][key], results[1][key], err_msg=key)
     assert any(np.abs(v).max() > 0 for k, v in results[0].items() if "lora_B" in k)  # it did train
+
+
+def test_a_dead_rank_ends_the_whole_job(tiny_sd3, tiny_cc3m, tmp_path):
+    """SIGKILL one of 2 ranks mid-run: the other does not wait forever, the launcher exits non-zero."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    argv = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "logs"),
+            "train_pcm_lora_sd3_adv.py", "--pretrained_teacher_model", tiny_sd3, "--data_path", tiny_cc3m,
+            "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--train_batch_size", "2",
+            "--max_train_steps", "100000", "--checkpointing_steps", "100000", "--report_to", "none",
+            "--num_validation_images", "0"]
+    launcher = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "out" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert launcher.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+               if "train_pcm_lora_sd3_adv.py" in " ".join(p.cmdline())]
+    rank1 = [p for p in workers if p.environ().get("PADDLE_TRAINER_ID") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGKILL)
+    try:
+        code = launcher.wait(timeout=180)
+    finally:
+        for p in psutil.Process(os.getpid()).children(recursive=True):
+            if "train_pcm_lora_sd3_adv.py" in " ".join(p.cmdline()):
+                p.kill()
+    assert code != 0
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant_with_warmup", "polynomial", "cosine_with_restarts"])
+def test_lr_schedule_is_attached_and_steps_on_g_steps(scheduler, tiny_sd3, tiny_cc3m, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--pretrained_teacher_model", tiny_sd3, "--data_path", tiny_cc3m, "--output_dir", str(out),
+            "--resolution", "64", "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
+            "--max_train_steps", "8", "--lr_scheduler", scheduler, "--lr_warmup_steps", "2",
+            "--learning_rate", "1e-3", "--report_to", "none", "--num_validation_images", "0"]
+    assert trainer.main(argv) == 0
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows]
+    # The schedule advances once per G step (steps 2, 4, ...), so each D step shows the lr of the G step before.
+    assert all(lrs[i] == lrs[i + 1] for i in range(1, len(lrs) - 1, 2)), lrs
+    assert lrs[0] < 1e-3 and max(lrs) <= 1e-3 + 1e-12  # warm-up starts below the peak
+    assert len(set(lrs)) > 2  # it really moves
+
+
+def _poison(monkeypatch, bad_steps):
+    """Make the real step's loss NaN on the given 0-based micro-step calls (the rest untouched)."""
+    real_call = trainer.PCMStep.__call__
+    calls = {"n": 0}
+
+    def call(self, batch, is_d_step):
+        out = real_call(self, batch, is_d_step)
+        if calls["n"] in bad_steps:
+            out = {**out, "loss": out["loss"] * float("nan")}
+        calls["n"] += 1
+        return out
+
+    monkeypatch.setattr(trainer.PCMStep, "__call__", call)
+
+
+def test_a_non_finite_loss_skips_that_update_only(tiny_sd3, tiny_cc3m, tmp_path, monkeypatch, capsys):
+    _poison(monkeypatch, bad_steps={1})  # the first G step
+    out = tmp_path / "run"
+    base = ["--pretrained_teacher_model", tiny_sd3, "--data_path", tiny_cc3m, "--resolution", "64", "--train_batch_size", "2",
+            "--max_train_steps", "4", "--report_to", "none", "--num_validation_images", "0", "--seed", "3"]
+    assert trainer.main(base + ["--output_dir", str(out)]) == 0
+    assert "non-finite loss at step 1" in capsys.readouterr().out
+    state = json.loads((out / "checkpoint-4" / checkpointing.STATE_FILE).read_text())
+    assert state["nonfinite_steps"] == 1
+    lora = {k: v for k, v in load_file(str(out / "paddle_lora_weights.safetensors")).items() if "lora_B" in k}
+    assert all(np.isfinite(v).all() for v in lora.values()) and any(np.abs(v).max() > 0 for v in lora.values())
+
+
+def test_many_non_finite_losses_in_a_row_save_and_stop(tiny_sd3, tiny_cc3m, tmp_path, monkeypatch, capsys):
+    _poison(monkeypatch, bad_steps=set(range(1000)))
+    out = tmp_path / "run"
+    code = trainer.main(["--pretrained_teacher_model", tiny_sd3, "--data_path", tiny_cc3m, "--output_dir", str(out),
+                         "--resolution", "64", "--train_batch_size", "1", "--max_train_steps", "100",
+                         "--report_to", "none", "--num_validation_images", "0"])
+    err = capsys.readouterr().err
+    assert code == 3 and f"{trainer.MAX_CONSECUTIVE_NONFINITE} non-finite losses in a row" in err
+    saved = checkpointing.list_checkpoints(str(out))
+    assert [s for s, _ in saved] == [trainer.MAX_CONSECUTIVE_NONFINITE]
+    assert json.loads((out / f"checkpoint-{saved[0][0]}" / checkpointing.STATE_FILE).read_text())["nonfinite_steps"] == 20
