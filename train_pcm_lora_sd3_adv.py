@@ -707,8 +707,6 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
             consecutive_nonfinite += 1
             nonfinite_total += 1
             log(f"warning: non-finite loss at step {global_step}; update skipped ({consecutive_nonfinite} in a row)")
-            if scaler is not None:
-                scaler.update()
         else:
             consecutive_nonfinite = 0
             with timer("optimizer"):
