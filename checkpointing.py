@@ -74,7 +74,7 @@ def find_resume_checkpoint(output_dir: str, request: str, warn=print):
     incomplete or corrupt ones with a warning) or None; a path or folder name -> that checkpoint,
     or CheckpointError."""
     if request == "latest":
-        for step, path in reversed(list_checkpoints(output_dir)):
+        for _, path in reversed(list_checkpoints(output_dir)):
             try:
                 read_checkpoint_state(path)
                 return path

@@ -1,6 +1,5 @@
 """scripts/convert_lora.py: our Paddle LoRA <-> diffusers (PyTorch) SD3 LoRA, numpy only."""
 import json
-import os
 
 import numpy as np
 import paddle
