@@ -688,7 +688,7 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
         opt = adv_optimizer if is_d_step else optimizer
         adv_optimizer.clear_grad(set_to_zero=False)  # heads' gradients from G steps never reach a D update
         optimizer.clear_grad(set_to_zero=False)
-        logs, finite = {}, True
+        totals = {}  # logged values summed on the device: one host sync per step, not per value
         for micro in range(accum):
             with timer("data"):
                 batch = next(batches)
@@ -697,12 +697,13 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
             with (nullcontext() if sync else model_dp.no_sync()):
                 out = step_fn(batch, is_d_step)
                 loss = out["loss"] / accum
-                finite = finite and bool(paddle.isfinite(loss).item())
                 with timer("backward"):
                     (scaler.scale(loss) if scaler is not None else loss).backward()
             for key, value in out.items():
-                if key != "loss":
-                    logs[key] = logs.get(key, 0.0) + float(value.item()) / accum
+                totals[key] = totals.get(key, 0.0) + value.detach().astype("float32") / accum
+        values = paddle.stack(list(totals.values())).numpy()
+        logs = {key: float(v) for key, v in zip(totals, values) if key != "loss"}
+        finite = bool(np.isfinite(values).all())
         if any_rank(not finite):  # every rank skips together, so no collective is left waiting
             consecutive_nonfinite += 1
             nonfinite_total += 1
