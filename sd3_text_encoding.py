@@ -7,8 +7,14 @@ axis (77 + 77 tokens); pooled = concat(pooled_L, pooled_G).
 
 Unlike ``StableDiffusion3Pipeline.encode_prompt`` this never compares truncated and
 untruncated token ids, which fails on Paddle 3 for captions over 77 tokens.
+
+With ``cache_size > 0`` the embeddings of the most recently seen captions are kept in host
+memory (least recently used out first), so datasets whose captions repeat every epoch skip
+the text encoders for them (`--text_embedding_cache_size`).
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import paddle
 
@@ -22,12 +28,16 @@ def _token_ids(tokenizer, prompts: list) -> paddle.Tensor:
 class SD3PromptEncoder:
     """Callable: ``encode(prompts) -> (prompt_embeds [B, 154, D_t5], pooled [B, D_L + D_G])``."""
 
-    def __init__(self, tokenizers, text_encoders):
+    def __init__(self, tokenizers, text_encoders, cache_size: int = 0):
         self.clip_tokenizers, self.t5_tokenizer = tokenizers[:2], tokenizers[2]
         self.clip_encoders, self.t5_encoder = text_encoders[:2], text_encoders[2]
+        self.cache_size = cache_size
+        self._cache: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
 
     @paddle.no_grad()
-    def __call__(self, prompts: list):
+    def encode(self, prompts: list):
+        """The embeddings of ``prompts``, computed by the three encoders (no cache)."""
         clip_embeds, pooled = [], []
         for tokenizer, encoder in zip(self.clip_tokenizers, self.clip_encoders):
             out = encoder(_token_ids(tokenizer, prompts), output_hidden_states=True)
@@ -41,3 +51,23 @@ class SD3PromptEncoder:
         clip = paddle.concat([clip, paddle.zeros(clip.shape[:-1] + [pad], dtype=clip.dtype)], axis=-1)
         prompt_embeds = paddle.concat([clip.astype(t5.dtype), t5], axis=-2)
         return prompt_embeds, paddle.concat(pooled, axis=-1)
+
+    def __call__(self, prompts: list):
+        if self.cache_size <= 0:
+            return self.encode(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        self.misses += len(missing)
+        self.hits += len(prompts) - len(missing)
+        if missing:
+            embeds, pooled = self.encode(missing)
+            for i, prompt in enumerate(missing):
+                self._cache[prompt] = (embeds[i].cpu(), pooled[i].cpu())
+        for prompt in prompts:
+            self._cache.move_to_end(prompt)
+        entries = [self._cache[p] for p in prompts]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        device = paddle.get_device()
+        embeds = paddle.stack([e for e, _ in entries]).to(device)
+        pooled = paddle.stack([p for _, p in entries]).to(device)
+        return embeds, pooled
