@@ -10,7 +10,10 @@ untruncated token ids, which fails on Paddle 3 for captions over 77 tokens.
 
 With ``cache_size > 0`` the embeddings of the most recently seen captions are kept in host
 memory (least recently used out first), so datasets whose captions repeat every epoch skip
-the text encoders for them (`--text_embedding_cache_size`).
+the text encoders for them (`--text_embedding_cache_size`). With ``offload=True`` the encoders
+live in host memory and visit the accelerator only to encode (`--offload_text_encoders`: about
+10 GiB of GPU memory for SD3-medium's fp16 encoders, paid for with host-device copies on every
+cache miss).
 """
 from __future__ import annotations
 
@@ -28,16 +31,32 @@ def _token_ids(tokenizer, prompts: list) -> paddle.Tensor:
 class SD3PromptEncoder:
     """Callable: ``encode(prompts) -> (prompt_embeds [B, 154, D_t5], pooled [B, D_L + D_G])``."""
 
-    def __init__(self, tokenizers, text_encoders, cache_size: int = 0):
+    def __init__(self, tokenizers, text_encoders, cache_size: int = 0, offload: bool = False):
         self.clip_tokenizers, self.t5_tokenizer = tokenizers[:2], tokenizers[2]
         self.clip_encoders, self.t5_encoder = text_encoders[:2], text_encoders[2]
         self.cache_size = cache_size
+        self.offload = offload and not paddle.get_device().startswith("cpu")
+        if self.offload:
+            self._move_encoders("cpu")
         self._cache: OrderedDict = OrderedDict()
         self.hits = self.misses = 0
+
+    def _move_encoders(self, device: str) -> None:
+        for encoder in (*self.clip_encoders, self.t5_encoder):
+            encoder.to(device=device)
 
     @paddle.no_grad()
     def encode(self, prompts: list):
         """The embeddings of ``prompts``, computed by the three encoders (no cache)."""
+        if not self.offload:
+            return self._encode(prompts)
+        self._move_encoders(paddle.get_device())
+        try:
+            return self._encode(prompts)
+        finally:
+            self._move_encoders("cpu")
+
+    def _encode(self, prompts: list):
         clip_embeds, pooled = [], []
         for tokenizer, encoder in zip(self.clip_tokenizers, self.clip_encoders):
             out = encoder(_token_ids(tokenizer, prompts), output_hidden_states=True)

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--text_embedding_cache_size", type=int, default=0,
         help="keep the prompt embeddings of the N most recent captions in host memory (0: off); pays off when "
              "captions repeat, e.g. small datasets over many epochs (about 1.3 MB per caption for SD3-medium in fp16)")
+    add("--offload_text_encoders", action="store_true",
+        help="keep the text encoders in host memory, on the accelerator only while encoding (saves ~10 GiB on "
+             "SD3-medium; costs copies per step unless --text_embedding_cache_size serves the captions)")
     add("--share_teacher_weights", action="store_true",
         help="use the student's frozen base (LoRA off) as teacher and discriminator backbone instead of a second, "
              "fp32 copy of the transformer: saves that copy's memory; with fp16/bf16 the teacher then runs on "
@@ -587,7 +590,8 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
     set_seed(seed + rank)  # per-rank noise, timesteps and guidance from here on
     sigmas_ascending = noise_scheduler.sigmas.numpy()[::-1][: noise_scheduler.config.num_train_timesteps]
     solver = EulerSolver(sigmas_ascending.copy(), args.num_euler_timesteps, args.multiphase)
-    encode = SD3PromptEncoder(tokenizers, text_encoders, cache_size=args.text_embedding_cache_size)
+    encode = SD3PromptEncoder(tokenizers, text_encoders, cache_size=args.text_embedding_cache_size,
+                              offload=args.offload_text_encoders)
     uncond = encode.encode([""])  # computed once, broadcast to any batch size
 
     # ---- optimizers, schedule, scaler

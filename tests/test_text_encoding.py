@@ -50,3 +50,20 @@ def test_caption_cache_hits_evicts_and_returns_the_same_embeddings(encoders):
     # cat misses and car hits, then the least recently used (tree) is evicted
     assert counts == [(0, 2, 2), (1, 3, 3), (3, 3, 3), (4, 4, 3)]
     assert list(cached._cache) == ["a red dog", "a cat", "a blue car"]  # most recent last, in batch order
+
+
+def test_offload_flag_trains_and_is_a_no_op_on_cpu(tiny_sd3, tmp_path):
+    from make_tiny_cc3m import make_tiny_cc3m
+
+    make_tiny_cc3m(str(tmp_path / "data"), num_shards=1, samples_per_shard=4, seed=2)
+    lora = []
+    for extra in ([], ["--offload_text_encoders", "--text_embedding_cache_size", "8"]):
+        out = tmp_path / f"run{len(lora)}"
+        assert trainer.main(["--pretrained_teacher_model", tiny_sd3, "--data_path", str(tmp_path / "data"),
+                             "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2",
+                             "--max_train_steps", "4", "--report_to", "none", "--num_validation_images", "0", *extra]) == 0
+        from safetensors.numpy import load_file
+
+        lora.append(load_file(str(out / "paddle_lora_weights.safetensors")))
+    for key in lora[0]:
+        np.testing.assert_allclose(lora[0][key], lora[1][key], atol=1e-5)
