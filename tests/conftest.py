@@ -43,3 +43,14 @@ def add_random_lora(transformer, rank: int, seed: int, std: float = 0.05):
         if "lora_B" in name:
             param.set_value(paddle.randn(param.shape) * std)
     return transformer
+
+
+def load_frozen_transformer(path):
+    """The tiny teacher's transformer as the trainer prepares a teacher: fp32, every parameter frozen, eval mode."""
+    from ppdiffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
+    for param in transformer.parameters():
+        param.stop_gradient = True
+    transformer.eval()
+    return transformer

@@ -11,6 +11,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import pytest
+from conftest import load_frozen_transformer
 
 from discriminator import Discriminator, DiscriminatorHead, block_features
 from make_tiny_sd3 import make_tiny_sd3
@@ -23,15 +24,7 @@ def assert_close(actual, expected, **kwargs):
     np.testing.assert_allclose(actual, np.broadcast_to(np.asarray(expected), actual.shape), **kwargs)
 
 
-def load_frozen(path):
-    """The teacher as the trainer prepares it: fp32, every parameter stop_gradient, eval mode."""
-    from ppdiffusers import SD3Transformer2DModel
-
-    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
-    for param in transformer.parameters():
-        param.stop_gradient = True
-    transformer.eval()
-    return transformer
+load_frozen = load_frozen_transformer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import os
 
 import paddle
 import pytest
-from conftest import run_python
+from conftest import load_frozen_transformer, run_python
 
 import memory_budget as mb
 import pcm_lora
@@ -27,14 +27,7 @@ def _config(tiny_sd3, sub="transformer"):
         return json.load(f)
 
 
-def _load_frozen(tiny_sd3):
-    from ppdiffusers import SD3Transformer2DModel
-
-    model = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
-    for p in model.parameters():
-        p.stop_gradient = True
-    model.eval()
-    return model
+_load_frozen = load_frozen_transformer
 
 
 def test_script_prints_table_and_json_line():
