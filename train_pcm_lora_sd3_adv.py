@@ -315,6 +315,33 @@ def check_ranks_in_sync(params, what: str) -> None:
         raise RuntimeError(f"{what} differ between ranks: {[g.numpy().tolist() for g in gathered]}")
 
 
+def check_shared_output_dir(output_dir: str) -> None:
+    """Checkpoints need one ``--output_dir`` that every rank sees (rank 0 writes the shared state, each rank
+    its own part). Rank 0 writes a fresh token; a rank that cannot read it back is on another file system."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if world_size == 1:
+        return
+    token = paddle.to_tensor([random.SystemRandom().randrange(1, 2**31) if rank == 0 else 0], dtype="int64")
+    dist.broadcast(token, src=0)
+    marker = os.path.join(output_dir, ".shared-output-dir-check")
+    if rank == 0:
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write(str(int(token.item())))
+    barrier()
+    try:
+        with open(marker, encoding="utf-8") as f:
+            seen = f.read().strip() == str(int(token.item()))
+    except OSError:
+        seen = False
+    if any_rank(not seen):
+        raise checkpointing.CheckpointError(
+            f"--output_dir {output_dir} is not shared by all ranks (some cannot see rank 0's files); "
+            "put it on a file system every node mounts (NFS, Lustre, ...)")
+    barrier()
+    if rank == 0:
+        os.remove(marker)
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -579,7 +606,7 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
     log(f"PCM-LoRA SD3: {world_size} process(es) on {device}, precision {mixed}, data: {geometry['data']}")
     seed = args.seed if args.seed is not None else 0
     os.makedirs(args.output_dir, exist_ok=True)
-    barrier()
+    check_shared_output_dir(args.output_dir)
 
     # ---- models
     from discriminator import Discriminator

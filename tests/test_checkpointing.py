@@ -177,3 +177,38 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tiny_sd3, resume_data,
     assert len(saved) == 1 and saved[0][0] >= 3
     assert "stop requested" in output and "--resume_from_checkpoint latest" in output
     checkpointing.read_checkpoint_state(saved[0][1])  # complete
+
+
+SHARED_DIR_PROBE = """
+import os, sys
+import paddle.distributed as dist
+import train_pcm_lora_sd3_adv as trainer
+import checkpointing
+dist.init_parallel_env()
+root, mode = sys.argv[1], sys.argv[2]
+folder = os.path.join(root, f"rank{dist.get_rank()}" if mode == "local" else "shared")
+os.makedirs(folder, exist_ok=True)
+try:
+    trainer.check_shared_output_dir(folder)
+    print(f"rank {dist.get_rank()}: shared")
+except checkpointing.CheckpointError as error:
+    print(f"rank {dist.get_rank()}: {error}")
+"""
+
+
+@pytest.mark.parametrize("mode", ["shared", "local"])
+def test_output_dir_must_be_shared_by_all_ranks(tmp_path, mode):
+    """Two ranks with one folder pass; two ranks each with its own folder (as two nodes with local disks)
+    are refused on every rank instead of writing checkpoints that cannot be resumed."""
+    script = tmp_path / "probe.py"
+    script.write_text(SHARED_DIR_PROBE)
+    result = run_python(["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "logs"),
+                         str(script), str(tmp_path / "out"), mode])
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = [(tmp_path / "logs" / f"workerlog.{r}").read_text() for r in range(2)]
+    for rank, text in enumerate(logs):
+        if mode == "shared":
+            assert f"rank {rank}: shared" in text
+            assert not (tmp_path / "out" / "shared" / ".shared-output-dir-check").exists()
+        else:
+            assert f"rank {rank}: --output_dir" in text and "not shared by all ranks" in text
