@@ -533,31 +533,13 @@ def load_checkpoint_files(path, rank, student, discriminator, optimizer, adv_opt
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
-def count_samples(data_path: str) -> int:
-    """Samples with an image in ``--data_path``, from tar headers or file names (nothing is decoded)."""
-    import tarfile
-
-    from data import resolve_data_source
-
-    source = resolve_data_source(data_path)
-    if source.kind == "folder":
-        return len(source.units)
-    image_ext = (".jpg", ".jpeg", ".png", ".webp")
-    total = 0
-    for shard in source.units:
-        try:
-            with tarfile.open(shard, mode="r:") as archive:
-                total += len({m.name.rsplit(".", 1)[0] for m in archive if m.name.lower().endswith(image_ext)})
-        except (OSError, tarfile.TarError):
-            continue  # unreadable shards are counted as skipped by the data pipeline
-    return total
-
-
 def total_train_steps(args, world_size: int, log) -> int:
     """--max_train_steps, else --num_train_epochs passes over the data (as the reference)."""
     if args.max_train_steps is not None:
         return args.max_train_steps
-    samples = count_samples(args.data_path)
+    from data import count_image_samples, resolve_data_source
+
+    samples = count_image_samples(resolve_data_source(args.data_path))
     per_step = args.train_batch_size * world_size * args.gradient_accumulation_steps
     steps = args.num_train_epochs * max(1, math.ceil(samples / per_step))
     log(f"--max_train_steps not given: {args.num_train_epochs} epoch(s) of {samples} samples -> {steps} steps")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .skips import READ_ERROR, TRUNCATED_TAR, SkipCounter
-from .sources import FolderSample
+from .sources import IMAGE_EXTENSIONS, DataSource, FolderSample
 
 _TAR_BLOCK = 512
 
@@ -96,3 +96,19 @@ def read_folder_sample(sample: FolderSample, root: str, skips: SkipCounter) -> R
             skips.add(READ_ERROR)
             return None
     return RawSample(sample.key, root, members)
+
+
+def count_image_samples(source: DataSource) -> int:
+    """Samples with an image in ``source``, from tar headers or file names: nothing is decoded, so
+    bad images still count (an epoch's size for ``--num_train_epochs``). Unreadable shards count 0."""
+    if source.kind == "folder":
+        return len(source.units)
+    total = 0
+    for shard in source.units:
+        try:
+            with tarfile.open(shard, mode="r:") as archive:
+                named = (split_member_name(info.name) for info in archive if info.isfile())
+                total += len({n[0] for n in named if n is not None and n[1] in IMAGE_EXTENSIONS})
+        except (OSError, tarfile.TarError, EOFError):
+            continue
+    return total

@@ -454,3 +454,10 @@ def test_inspect_script_reports_json(bad_wds):
         cwd=REPO, capture_output=True, text=True,
     )
     assert failed.returncode != 0 and failed.stderr.strip().splitlines()[-1].startswith("error: --data_path")
+
+
+def test_count_image_samples_matches_what_the_maker_wrote(clean_wds):
+    """The epoch size for --num_train_epochs: images by key from tar headers (webdataset's key rule)."""
+    from data import count_image_samples, resolve_data_source
+
+    assert count_image_samples(resolve_data_source(clean_wds["output_dir"])) == clean_wds["samples"] == 36

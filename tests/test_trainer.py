@@ -346,3 +346,13 @@ def test_many_non_finite_losses_in_a_row_save_and_stop(tiny_sd3, tiny_cc3m, tmp_
     saved = checkpointing.list_checkpoints(str(out))
     assert [s for s, _ in saved] == [trainer.MAX_CONSECUTIVE_NONFINITE]
     assert json.loads((out / f"checkpoint-{saved[0][0]}" / checkpointing.STATE_FILE).read_text())["nonfinite_steps"] == 20
+
+
+def test_without_max_train_steps_one_epoch_is_run(tiny_sd3, tiny_cc3m, tmp_path, capsys):
+    """As the reference: --num_train_epochs x ceil(samples / (batch x ranks x accumulation)) steps."""
+    out = tmp_path / "run"
+    assert trainer.main(["--pretrained_teacher_model", tiny_sd3, "--data_path", tiny_cc3m, "--output_dir", str(out),
+                         "--resolution", "64", "--train_batch_size", "5", "--report_to", "none",
+                         "--num_validation_images", "0"]) == 0
+    assert "1 epoch(s) of 24 samples -> 5 steps" in capsys.readouterr().out  # 4 shards x 6 samples, ceil(24 / 5)
+    assert len((out / "logs" / "metrics.jsonl").read_text().splitlines()) == 5
