@@ -34,13 +34,9 @@ import paddle.distributed as dist  # noqa: E402
 import checkpointing  # noqa: E402
 import pcm_lora  # noqa: E402
 from tracking import Trackers, quiet_library_logging, resolve_trackers  # noqa: E402
+from validation import SEED_PROMPT, generate_validation_images  # noqa: E402
 from pcm_solver import EulerSolver, cfg_velocity, consistency_loss  # noqa: E402
 
-DEFAULT_VALIDATION_PROMPT = (
-    "portrait photo of a girl, photograph, highly detailed face, depth of field, moody light, golden hour, "
-    "style by Dan Winters, Russell James, Steve McCurry, centered, extremely detailed, Nikon D850, "
-    "award winning photography"
-)
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 # Reference flags that have no meaning in this Paddle port: accepted, warned about, ignored.
 IGNORED_REFERENCE_FLAGS = {
@@ -156,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.validation_prompt is None:
-        args.validation_prompt = [DEFAULT_VALIDATION_PROMPT]
+        args.validation_prompt = [SEED_PROMPT]
     return args
 
 
@@ -293,13 +289,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank."""
-    if dist.get_world_size() == 1:
-        return flag
-    value = paddle.to_tensor([1.0 if flag else 0.0])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+def any_rank(*flags: bool):
+    """For each flag: True on every rank if it is true on any rank (one collective for all of them).
+    Returns a bool for one flag, a tuple for several."""
+    if dist.get_world_size() > 1:
+        value = paddle.to_tensor([1.0 if flag else 0.0 for flag in flags])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        flags = tuple(bool(v > 0) for v in value.numpy())
+    return flags[0] if len(flags) == 1 else tuple(flags)
 
 
 def check_ranks_in_sync(params, what: str) -> None:
@@ -679,8 +676,6 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
     # ---- loop
     from tqdm.auto import tqdm
 
-    from validation import generate_validation_images
-
     trackers = None
     if rank == 0:
         trackers = Trackers(args.report_to, os.path.join(args.output_dir, args.logging_dir),
@@ -722,7 +717,9 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
         values = paddle.stack(list(totals.values())).numpy()
         logs = {key: float(v) for key, v in zip(totals, values) if key != "loss"}
         finite = bool(np.isfinite(values).all())
-        if any_rank(not finite):  # every rank skips together, so no collective is left waiting
+        # one collective per step: every rank skips a non-finite update together, and stops together on a signal
+        skip_update, stop_now = any_rank(not finite, stop_requested["signal"] is not None)
+        if skip_update:
             consecutive_nonfinite += 1
             nonfinite_total += 1
             log(f"warning: non-finite loss at step {global_step}; update skipped ({consecutive_nonfinite} in a row)")
@@ -759,7 +756,7 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
             if trackers is not None:
                 trackers.close()
             return TrainResult(3, global_step, student, discriminator, tracker)
-        if any_rank(stop_requested["signal"] is not None):
+        if stop_now:
             path = save(global_step)
             log(f"stop requested (signal): saved {path}; resume with --resume_from_checkpoint latest")
             if trackers is not None:

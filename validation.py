@@ -16,6 +16,13 @@ from PIL import Image
 
 from pcm_fm_deterministic_scheduler import PCMFMDeterministicScheduler
 
+# The seed's portrait prompt: the default validation and inference prompt (and words of the tiny tokenizers).
+SEED_PROMPT = (
+    "portrait photo of a girl, photograph, highly detailed face, depth of field, moody light, golden hour, "
+    "style by Dan Winters, Russell James, Steve McCurry, centered, extremely detailed, Nikon D850, "
+    "award winning photography"
+)
+
 
 def image_grid(rows: list) -> Image.Image:
     """Paste a list of rows of equally sized PIL images into one image."""

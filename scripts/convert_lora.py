@@ -77,7 +77,9 @@ def to_paddle(tensors: dict, scale: float, halved: bool) -> dict:
 
 
 def lora_scale_of_run(path: str) -> float | None:
-    """alpha/rank from the training run's training_args.json beside a Paddle LoRA file."""
+    """alpha/rank from the training run's training_args.json beside a LoRA file (or in its folder), else None.
+
+    alpha is PEFT's default 8 (``pcm_lora.PEFT_DEFAULT_LORA_ALPHA``; not imported: this script needs no paddle)."""
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     args_file = os.path.join(folder, "training_args.json")
     if os.path.isfile(args_file):

@@ -22,23 +22,9 @@ from pcm_fm_deterministic_scheduler import PCMFMDeterministicScheduler  # noqa: 
 from pcm_fm_stochastic_scheduler import PCMFMStochasticScheduler  # noqa: E402
 import pcm_lora  # noqa: E402
 from tracking import quiet_library_logging  # noqa: E402
+from validation import SEED_PROMPT  # noqa: E402
+from convert_lora import lora_scale_of_run  # noqa: E402  (scripts/ is this script's own folder)
 
-DEFAULT_PROMPT = (
-    "portrait photo of a girl, photograph, highly detailed face, depth of field, moody light, golden hour, "
-    "style by Dan Winters, Russell James, Steve McCurry, centered, extremely detailed, Nikon D850, "
-    "award winning photography"
-)
-
-
-def default_lora_scale(lora: str | None) -> float:
-    """alpha / rank from the training run's training_args.json beside the LoRA, else 0.25 (rank 32)."""
-    if lora:
-        folder = lora if os.path.isdir(lora) else os.path.dirname(lora)
-        args_file = os.path.join(folder, "training_args.json")
-        if os.path.isfile(args_file):
-            with open(args_file, encoding="utf-8") as f:
-                return pcm_lora.inference_lora_scale(int(json.load(f)["lora_rank"]))
-    return 0.25
 
 
 def main(argv=None) -> None:
@@ -75,8 +61,9 @@ def main(argv=None) -> None:
     kwargs = {}
     if args.lora:
         pipe.load_lora_weights(args.lora)
-        kwargs["joint_attention_kwargs"] = {"scale": args.lora_scale if args.lora_scale is not None else default_lora_scale(args.lora)}
-    prompts = args.prompt or [DEFAULT_PROMPT]
+        scale = args.lora_scale if args.lora_scale is not None else lora_scale_of_run(args.lora)
+        kwargs["joint_attention_kwargs"] = {"scale": scale if scale is not None else pcm_lora.inference_lora_scale(32)}
+    prompts = args.prompt or [SEED_PROMPT]
     written = []
     for i, prompt in enumerate(prompts):
         with paddle.no_grad():

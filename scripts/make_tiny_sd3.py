@@ -27,13 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import paddle_compat  # noqa: E402,F401  (must precede ppdiffusers)
 import paddle  # noqa: E402
 
+from validation import SEED_PROMPT  # noqa: E402
+
 # Words the tokenizers know as whole tokens: simple caption words and the seed's portrait prompt,
 # so that prompts stay within CLIP's and T5's 77 tokens (ppdiffusers' SD3 pipeline fails on longer ones).
-SEED_PROMPT = (
-    "portrait photo of a girl, photograph, highly detailed face, depth of field, moody light, golden hour, "
-    "style by Dan Winters, Russell James, Steve McCurry, centered, extremely detailed, Nikon D850, "
-    "award winning photography"
-)
 TINY_WORDS = sorted(set(
     "a photo of the red green blue yellow white black small large round square circle triangle dog cat "
     "car tree house sky sea mountain person girl boy portrait on in with and at golden hour light dark "
