@@ -86,7 +86,8 @@ def write_clip_tokenizer(folder: str) -> int:
 
 
 def write_t5_tokenizer(folder: str, vocab_size: int = 256) -> int:
-    """A sentencepiece BPE model trained (single thread, so deterministic) on the tiny words."""
+    """A sentencepiece unigram model (the type of SD3's real T5 tokenizer, so Hugging Face's T5 tokenizers segment it alike)
+    trained (single thread, so deterministic) on the tiny words."""
     import sentencepiece as spm
     from ppdiffusers.transformers import T5Tokenizer
 
@@ -94,7 +95,7 @@ def write_t5_tokenizer(folder: str, vocab_size: int = 256) -> int:
     sentences = [" ".join(TINY_WORDS[i:] + TINY_WORDS[:i]) for i in range(len(TINY_WORDS))]
     model = io.BytesIO()  # trained from memory so that no temporary path ends up in the model
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="unigram",
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, hard_vocab_limit=False,
         character_coverage=1.0, minloglevel=2,
     )

@@ -67,3 +67,23 @@ def test_offload_flag_trains_and_is_a_no_op_on_cpu(tiny_sd3, tmp_path):
         lora.append(load_file(str(out / "paddle_lora_weights.safetensors")))
     for key in lora[0]:
         np.testing.assert_allclose(lora[0][key], lora[1][key], atol=1e-5)
+
+
+def test_tiny_t5_tokenizer_is_unigram_and_paddle_ids_equal_sentencepiece(tiny_sd3):
+    """SD3's real T5 tokenizer is a sentencepiece unigram model; Hugging Face's T5 tokenizers assume that type. The tiny
+    one is unigram too, and Paddle's T5Tokenizer gives sentencepiece's own ids plus </s>, so ids agree across frameworks."""
+    import os
+
+    import sentencepiece as spm
+    from ppdiffusers.transformers import T5Tokenizer
+    from sentencepiece import sentencepiece_model_pb2
+
+    model_file = os.path.join(tiny_sd3, "tokenizer_3", "spiece.model")
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    assert proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM
+    processor = spm.SentencePieceProcessor(model_file=model_file)
+    paddle_tokenizer = T5Tokenizer.from_pretrained(tiny_sd3, subfolder="tokenizer_3")
+    for text in ("a photo of a red dog", "a blue car in the city at golden hour", "unseen zebra words"):
+        assert paddle_tokenizer(text)["input_ids"] == processor.encode(text) + [processor.eos_id()]
