@@ -36,7 +36,7 @@ import pcm_lora  # noqa: E402
 from tracking import Trackers, quiet_library_logging, resolve_trackers  # noqa: E402
 from validation import SEED_PROMPT, generate_validation_images  # noqa: E402
 from pcm_solver import EulerSolver, cfg_velocity, consistency_loss  # noqa: E402
-from sd35_transformer import load_transformer  # noqa: E402
+from sd35_transformer import check_supported, load_transformer  # noqa: E402
 
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 # Reference flags that have no meaning in this Paddle port: accepted, warned about, ignored.
@@ -192,6 +192,10 @@ def teacher_geometry(path: str) -> dict:
         scheduler = _read_json(os.path.join(path, "scheduler/scheduler_config.json"))
     except ValueError as error:
         raise ArgumentError(f"--pretrained_teacher_model: unreadable config in {path} ({error})") from None
+    try:
+        check_supported(transformer, os.path.join(path, "transformer", "config.json"))  # SD3 / SD3.5 features
+    except ValueError as error:
+        raise ArgumentError(f"--pretrained_teacher_model: {error}") from None
     return {
         "vae_factor": 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
         "patch_size": int(transformer.get("patch_size", 2)),
