@@ -2,7 +2,7 @@
 
 Every entry point of this project (trainer, scheduler modules, scripts) imports
 this module first; importing it calls :func:`apply`, which closes the three gaps
-measured in ENVIRONMENT.md and three more found while building the trainer:
+measured in ENVIRONMENT.md and four more found while building the trainer:
 
 1. ``ppdiffusers.peft`` calls ``.keys()/.items()/.values()`` on
    ``paddle.nn.ParameterDict``, which Paddle 3 no longer provides.
@@ -26,6 +26,11 @@ measured in ENVIRONMENT.md and three more found while building the trainer:
    keeps the base layer's result dtype. Under fp16 autocast the inputs of most LoRA layers are fp32
    LayerNorm outputs, so the student's whole residual stream would turn fp32 (about 6.6 GiB more
    activations at 1024 px, batch 2: see ``scripts/memory_budget.py``). Same values in fp32 runs.
+
+7. ppdiffusers 0.29 has no SD3.5 transformer (``qk_norm``, ``dual_attention_layers``): an SD3.5 folder would
+   load into the SD3 class with mismatched weights. ``SD3Transformer2DModel.from_pretrained`` (also what
+   ``StableDiffusion3Pipeline.from_pretrained`` calls) builds the class ``sd35_transformer.transformer_class``
+   picks from ``transformer/config.json`` instead, and fails with one clear error on what is unsupported.
 
 ``apply()`` is idempotent and each shim is a no-op where it is not needed.
 It also sets ``USE_PEFT_BACKEND=True`` (the seed snippet's setting) unless the
@@ -258,6 +263,31 @@ def _patch_lora_linear_dtype() -> bool:
     return True
 
 
+# --- 7. SD3.5 transformers selected from their config -------------------------------------
+def _patch_sd35_selection() -> bool:
+    from ppdiffusers.models.modeling_utils import ModelMixin
+    from ppdiffusers.models.transformer_sd3 import SD3Transformer2DModel
+
+    if getattr(SD3Transformer2DModel.from_pretrained, "_pcm_compat", False):
+        return False
+    upstream = ModelMixin.from_pretrained.__func__
+
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        if cls is SD3Transformer2DModel:
+            import sd35_transformer  # here, not at import time: it imports this module first
+
+            config_kwargs = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "from_hf_hub", "from_aistudio", "use_auth_token", "proxies",
+                                                    "local_files_only") if k in kwargs}
+            config = cls.load_config(pretrained_model_name_or_path, **config_kwargs)
+            source = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "", cls.config_name)
+            cls = sd35_transformer.transformer_class(config, source)
+        return upstream(cls, pretrained_model_name_or_path, **kwargs)
+
+    from_pretrained._pcm_compat = True
+    SD3Transformer2DModel.from_pretrained = classmethod(from_pretrained)
+    return True
+
+
 def apply() -> dict:
     """Apply every shim (idempotent). Returns which ones changed something on this call."""
     import ppdiffusers  # noqa: F401  (defines its own attention first where it can)
@@ -269,6 +299,7 @@ def apply() -> dict:
         "sd3_gradient_checkpointing": _patch_sd3_checkpointing(),
         "sd3_long_prompts": _patch_sd3_prompt_truncation(),
         "lora_result_dtype": _patch_lora_linear_dtype(),
+        "sd35_transformers": _patch_sd35_selection(),
     }
     return changed
 

@@ -36,6 +36,7 @@ import pcm_lora  # noqa: E402
 from tracking import Trackers, quiet_library_logging, resolve_trackers  # noqa: E402
 from validation import SEED_PROMPT, generate_validation_images  # noqa: E402
 from pcm_solver import EulerSolver, cfg_velocity, consistency_loss  # noqa: E402
+from sd35_transformer import check_supported, load_transformer  # noqa: E402
 
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 # Reference flags that have no meaning in this Paddle port: accepted, warned about, ignored.
@@ -191,6 +192,10 @@ def teacher_geometry(path: str) -> dict:
         scheduler = _read_json(os.path.join(path, "scheduler/scheduler_config.json"))
     except ValueError as error:
         raise ArgumentError(f"--pretrained_teacher_model: unreadable config in {path} ({error})") from None
+    try:
+        check_supported(transformer, os.path.join(path, "transformer", "config.json"))  # SD3 / SD3.5 features
+    except ValueError as error:
+        raise ArgumentError(f"--pretrained_teacher_model: {error}") from None
     return {
         "vae_factor": 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
         "patch_size": int(transformer.get("patch_size", 2)),
@@ -351,7 +356,7 @@ def set_seed(seed: int) -> None:
 def load_models(args, weight_dtype: str, log):
     """Tokenizers, text encoders, VAE, teacher (fp32, or a view of the student's base with
     --share_teacher_weights) and student (weight dtype + fp32 LoRA)."""
-    from ppdiffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from ppdiffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from ppdiffusers.transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
     path = args.pretrained_teacher_model
@@ -364,10 +369,10 @@ def load_models(args, weight_dtype: str, log):
                      T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3")]
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-    student = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", variant=args.variant, **common)
+    student = load_transformer(path, variant=args.variant, **common)  # SD3 or SD3.5, by transformer/config.json
     teacher = None
     if not args.share_teacher_weights:
-        teacher = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", variant=args.variant, **common)
+        teacher = load_transformer(path, variant=args.variant, **common)
 
     for model in filter(None, (*text_encoders, vae, teacher, student)):
         for param in model.parameters():

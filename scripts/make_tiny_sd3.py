@@ -8,7 +8,12 @@ with projections (pooled width = sum of both), a T5 encoder, their tokenizers,
 and a FlowMatchEulerDiscreteScheduler with shift 3.0. Deterministic for a seed,
 a few MB, built in seconds; the project's embedded default teacher.
 
-    python scripts/make_tiny_sd3.py --output_dir tiny-sd3 [--seed 0] [--num_layers 2]
+    python scripts/make_tiny_sd3.py --output_dir tiny-sd3 [--seed 0] [--num_layers 2] [--variant sd3]
+
+``--variant sd3.5-medium`` / ``sd3.5-large`` write the SD3.5 transformer instead, with the config keys of
+``stabilityai/stable-diffusion-3.5-medium`` / ``-large`` (``qk_norm: "rms_norm"``; medium's MMDiT-X
+``dual_attention_layers`` are its first ``num_layers // 2 + 1`` blocks, 0-12 of 24, never the last one here;
+``pos_embed_max_size`` half the published value, as for sd3: 96, 192 for medium, 96 for large).
 
 Loadable with ``StableDiffusion3Pipeline.from_pretrained(DIR)`` and
 ``SD3Transformer2DModel.from_pretrained(DIR, subfolder="transformer")``.
@@ -116,6 +121,7 @@ def make_tiny_sd3(
     attention_head_dim: int = 8,
     text_width: int = 32,
     sample_size: int = 32,
+    variant: str = "sd3",
 ) -> str:
     """Build and save the tiny teacher; returns ``output_dir``.
 
@@ -128,8 +134,11 @@ def make_tiny_sd3(
     os.makedirs(output_dir, exist_ok=True)
     # Tokenizers copy their resource files on save, so the temporary folder lives until the end.
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = _build_pipeline(tmp, seed, num_layers, num_attention_heads, attention_head_dim, text_width, sample_size)
+        pipe = _build_pipeline(tmp, seed, num_layers, num_attention_heads, attention_head_dim, text_width, sample_size,
+                               variant)
         pipe.save_pretrained(output_dir)
+    if variant != "sd3":  # the published model_index.json names the SD3 class for SD3.5 too
+        _set_json(os.path.join(output_dir, "model_index.json"), "transformer", ["ppdiffusers", "SD3Transformer2DModel"])
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # drop the temporary path paddlenlp records
         config_file = os.path.join(output_dir, name, "tokenizer_config.json")
         with open(config_file, encoding="utf-8") as f:
@@ -140,10 +149,34 @@ def make_tiny_sd3(
     return output_dir
 
 
-def _build_pipeline(tmp, seed, num_layers, num_attention_heads, attention_head_dim, text_width, sample_size):
+def _set_json(path: str, key: str, value) -> None:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    data[key] = value
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+VARIANTS = ("sd3", "sd3.5-medium", "sd3.5-large")
+
+
+def transformer_variant_config(variant: str, num_layers: int) -> dict:
+    """The config keys by which the SD3.5 transformers differ from SD3 (tiny-sized ``pos_embed_max_size``)."""
+    if variant == "sd3":
+        return {"pos_embed_max_size": 96}
+    if variant == "sd3.5-medium":
+        return {"pos_embed_max_size": 192, "qk_norm": "rms_norm",
+                "dual_attention_layers": list(range(min(num_layers // 2 + 1, num_layers - 1)))}
+    if variant == "sd3.5-large":
+        return {"pos_embed_max_size": 96, "qk_norm": "rms_norm"}
+    raise ValueError(f"--variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+
+
+def _build_pipeline(tmp, seed, num_layers, num_attention_heads, attention_head_dim, text_width, sample_size, variant):
     from ppdiffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config
     from ppdiffusers.transformers import T5EncoderModel, T5Tokenizer
+    from sd35_transformer import SD35Transformer2DModel
 
     width = num_attention_heads * attention_head_dim
     clip_vocab = write_clip_tokenizer(os.path.join(tmp, "tokenizer"))
@@ -181,11 +214,13 @@ def _build_pipeline(tmp, seed, num_layers, num_attention_heads, attention_head_d
         use_quant_conv=False, use_post_quant_conv=False,
     )
     paddle.seed(seed + 5)
-    transformer = SD3Transformer2DModel(
+    variant_config = transformer_variant_config(variant, num_layers)
+    transformer_cls = SD35Transformer2DModel if variant != "sd3" else SD3Transformer2DModel
+    transformer = transformer_cls(
         sample_size=sample_size, patch_size=2, in_channels=16, num_layers=num_layers,
         attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
         joint_attention_dim=t5_width, caption_projection_dim=width, pooled_projection_dim=2 * text_width,
-        out_channels=16, pos_embed_max_size=96,
+        out_channels=16, **variant_config,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     return StableDiffusion3Pipeline(
@@ -205,6 +240,7 @@ def main(argv=None) -> None:
     parser.add_argument("--attention_head_dim", type=int, default=8, help="heads x head dim must be a multiple of 32")
     parser.add_argument("--text_width", type=int, default=32, help="CLIP hidden width (T5 is twice as wide)")
     parser.add_argument("--sample_size", type=int, default=32, help="default latent size (pixels / 8)")
+    parser.add_argument("--variant", choices=VARIANTS, default="sd3", help="transformer family (SD3.5: qk-norm, MMDiT-X)")
     args = parser.parse_args(argv)
     make_tiny_sd3(**vars(args))
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args.output_dir) for f in fs)
