@@ -2,7 +2,7 @@
 
 Every entry point of this project (trainer, scheduler modules, scripts) imports
 this module first; importing it calls :func:`apply`, which closes the three gaps
-measured in ENVIRONMENT.md and four more found while building the trainer:
+measured in ENVIRONMENT.md and five more found while building the trainer:
 
 1. ``ppdiffusers.peft`` calls ``.keys()/.items()/.values()`` on
    ``paddle.nn.ParameterDict``, which Paddle 3 no longer provides.
@@ -31,6 +31,12 @@ measured in ENVIRONMENT.md and four more found while building the trainer:
    load into the SD3 class with mismatched weights. ``SD3Transformer2DModel.from_pretrained`` (also what
    ``StableDiffusion3Pipeline.from_pretrained`` calls) builds the class ``sd35_transformer.transformer_class``
    picks from ``transformer/config.json`` instead, and fails with one clear error on what is unsupported.
+
+8. ``ppdiffusers.utils.smart_load`` (what ``load_lora_weights``, ``from_pretrained`` and PEFT's adapter
+   loading read weight files with) hands ``.pdparams`` files to ``paddle.load`` and ``.pt/.bin`` files (and
+   anything it cannot identify) to a pickle unpickler: a crafted file runs code. Every file that is not
+   safetensors now goes through ``safe_pdparams.load_pdparams`` (an allow-list unpickler that reads only a
+   Paddle state dict of tensors and refuses anything else with ``UnsafeFileError``).
 
 ``apply()`` is idempotent and each shim is a no-op where it is not needed.
 It also sets ``USE_PEFT_BACKEND=True`` (the seed snippet's setting) unless the
@@ -288,6 +294,37 @@ def _patch_sd35_selection() -> bool:
     return True
 
 
+# --- 8. weight files: no pickle beyond a Paddle state dict of tensors --------------------
+def _patch_smart_load() -> bool:
+    import sys
+
+    from ppdiffusers import utils as ppdiffusers_utils
+    from ppdiffusers.utils import load_utils
+
+    upstream = load_utils.smart_load
+    if getattr(upstream, "_pcm_compat", False):
+        return False
+
+    def smart_load(path, map_location=None, return_numpy=False, return_global_step=False, return_is_torch_weight=False):
+        """ppdiffusers' ``smart_load`` for safetensors files; every other file through ``safe_pdparams``."""
+        import safe_pdparams
+
+        path = str(path)
+        if safe_pdparams.is_safetensors(path):
+            return upstream(path, map_location, return_numpy, return_global_step, return_is_torch_weight)
+        arrays = safe_pdparams.load_pdparams(path)
+        if return_numpy:
+            return arrays
+        with paddle.device_scope(map_location or load_utils.get_map_location_default()):
+            return {name: paddle.to_tensor(array) for name, array in arrays.items()}
+
+    smart_load._pcm_compat = True
+    for module in [load_utils, ppdiffusers_utils, *list(sys.modules.values())]:  # every `from ... import smart_load`
+        if getattr(module, "__dict__", {}).get("smart_load") is upstream:
+            module.smart_load = smart_load
+    return True
+
+
 def apply() -> dict:
     """Apply every shim (idempotent). Returns which ones changed something on this call."""
     import ppdiffusers  # noqa: F401  (defines its own attention first where it can)
@@ -300,6 +337,7 @@ def apply() -> dict:
         "sd3_long_prompts": _patch_sd3_prompt_truncation(),
         "lora_result_dtype": _patch_lora_linear_dtype(),
         "sd35_transformers": _patch_sd35_selection(),
+        "safe_weight_files": _patch_smart_load(),
     }
     return changed
 

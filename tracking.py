@@ -5,12 +5,17 @@ logs TensorBoard-style dashboards read: it maps to ``visualdl``), ``all`` (wandb
 ``none``. Whatever the choice, every logged scalar also goes to ``output_dir/<logging_dir>/metrics.jsonl``,
 one JSON object per step. wandb honours ``WANDB_MODE=offline`` and ``WANDB_DIR`` (default: the logging
 dir); credentials come from wandb's own login and are never printed or stored by us.
+
+Secrets: whatever records the run's arguments (``training_args.json``, checkpoints, tracker configs) takes
+them from :func:`recordable_args`, which redacts every flag named like a token, key, secret or password and
+cuts the value of every such environment variable out of the other values.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 
 import numpy as np
 
@@ -28,6 +33,31 @@ def quiet_library_logging() -> None:
     logging.getLogger("PaddleNLP").setLevel(logging.WARNING)
 
 
+SECRET_NAME = re.compile(r"token|secret|passw|api_?key|credential|(^|_)key$", re.IGNORECASE)
+"""Flag and environment variable names that hold credentials (hub_token, WANDB_API_KEY, HF_TOKEN, ...)."""
+REDACTED = "<redacted>"
+
+
+def recordable_args(args, environ=None) -> dict:
+    """``vars(args)`` as it may be written to disk, a tracker or a log: flags whose name matches
+    :data:`SECRET_NAME` hold ``"<redacted>"`` (None and False stay as they are), and the value (8+ characters)
+    of every environment variable whose name matches is replaced by ``"<redacted>"`` inside other strings."""
+    environ = os.environ if environ is None else environ
+    secrets = sorted((v for k, v in environ.items() if SECRET_NAME.search(k) and len(v) >= 8), key=len, reverse=True)
+
+    def scrub(value):
+        if isinstance(value, str):
+            for secret in secrets:
+                value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, (list, tuple)):
+            return [scrub(item) for item in value]
+        return value
+
+    return {key: REDACTED if SECRET_NAME.search(key) and value not in (None, False) else scrub(value)
+            for key, value in vars(args).items()}
+
+
 def resolve_trackers(report_to: str) -> list:
     """``--report_to`` as a list of backends; raises ValueError for an unknown name."""
     names = [name.strip() for name in report_to.split(",") if name.strip()]
@@ -41,7 +71,7 @@ def resolve_trackers(report_to: str) -> list:
 
 
 class Trackers:
-    """The trackers of rank 0 plus the always-on ``metrics.jsonl``."""
+    """The trackers of rank 0 plus the always-on ``metrics.jsonl``; ``config`` is :func:`recordable_args`."""
 
     def __init__(self, report_to: str, log_dir: str, project: str, config: dict):
         self.backends = resolve_trackers(report_to)
@@ -51,8 +81,7 @@ class Trackers:
         if "wandb" in self.backends:
             import wandb
 
-            safe_config = {k: v for k, v in config.items() if "token" not in k}
-            self._wandb = wandb.init(project=project, config=safe_config, dir=os.environ.get("WANDB_DIR", log_dir))
+            self._wandb = wandb.init(project=project, config=config, dir=os.environ.get("WANDB_DIR", log_dir))
         if "visualdl" in self.backends:
             from visualdl import LogWriter
 

@@ -32,8 +32,9 @@ import paddle  # noqa: E402
 import paddle.distributed as dist  # noqa: E402
 
 import checkpointing  # noqa: E402
+from data import DEFAULT_MAX_MEMBER_BYTES  # noqa: E402
 import pcm_lora  # noqa: E402
-from tracking import Trackers, quiet_library_logging, resolve_trackers  # noqa: E402
+from tracking import Trackers, quiet_library_logging, recordable_args, resolve_trackers  # noqa: E402
 from validation import SEED_PROMPT, generate_validation_images  # noqa: E402
 from pcm_solver import EulerSolver, cfg_velocity, consistency_loss  # noqa: E402
 from sd35_transformer import check_supported, load_transformer  # noqa: E402
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--center_crop", action="store_true", help="center crop after resizing (default: random crop)")
     add("--random_flip", action="store_true", help="random horizontal flip")
     add("--min_image_size", type=int, default=0, help="skip images whose shorter side is below this (0: keep all)")
+    add("--max_member_bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+        help="skip samples with a tar member or file larger than this, without reading it (default 64 MiB)")
     add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes per rank")
     add("--output_dir", default="sd3-dreambooth", help="where the LoRA, checkpoints and logs go")
     add("--seed", type=int, default=None, help="base seed; rank r uses seed + r")
@@ -238,7 +241,7 @@ def validate_args(args) -> dict:
 
     positive = ["learning_rate", "adv_lr", "train_batch_size", "gradient_accumulation_steps", "num_euler_timesteps",
                 "checkpointing_steps", "validation_steps", "lora_rank", "resolution", "num_train_epochs"]
-    positive.append("num_inference_steps")
+    positive += ["num_inference_steps", "max_member_bytes"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise ArgumentError(f"--{name} must be > 0, got {getattr(args, name)}")
@@ -508,7 +511,7 @@ def write_checkpoint_files(folder, args, student, discriminator, optimizer, adv_
     for name, owner in files.items():
         paddle.save(owner.state_dict(), os.path.join(folder, name))
     with open(os.path.join(folder, "training_args.json"), "w", encoding="utf-8") as f:
-        json.dump(vars(args), f, indent=2)
+        json.dump(recordable_args(args), f, indent=2)
     return [pcm_lora.LORA_WEIGHT_NAME, *files, "training_args.json"]
 
 
@@ -644,7 +647,7 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
     loader = build_train_dataloader(
         args.data_path, args.resolution, args.train_batch_size, num_workers=args.dataloader_num_workers, seed=seed,
         center_crop=args.center_crop, random_flip=args.random_flip, min_image_size=args.min_image_size,
-        rank=rank, world_size=world_size, resume_state=data_resume)
+        rank=rank, world_size=world_size, resume_state=data_resume, max_member_bytes=args.max_member_bytes)
     tracker = DataTracker(loader.dataset)
     batches = iter(loader)
 
@@ -684,7 +687,7 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
     trackers = None
     if rank == 0:
         trackers = Trackers(args.report_to, os.path.join(args.output_dir, args.logging_dir),
-                            args.tracker_project_name, vars(args))
+                            args.tracker_project_name, recordable_args(args))
     shift = args.validation_shift if args.validation_shift is not None else float(noise_scheduler.config.shift)
 
     def validate(step: int) -> None:
@@ -697,7 +700,7 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
         barrier()
 
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=rank != 0, dynamic_ncols=True)
-    consecutive_nonfinite, postfix = 0, {}
+    consecutive_nonfinite, postfix, skipped = 0, {}, {}
     accum = args.gradient_accumulation_steps
     while global_step < max_steps:
         started = time.time()
@@ -748,11 +751,12 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
         postfix.update({k: f"{v:.4g}" for k, v in logs.items()})
         progress.set_postfix(postfix, refresh=False)
         progress.update(1)
+        skipped = tracker.skipped_all_ranks()  # collective: summed over every rank's readers
         if rank == 0:
-            trackers.log({**logs, "skipped_samples": sum(tracker.skipped().values()),
+            trackers.log({**logs, "skipped_samples": sum(skipped.values()),
                           "time_per_step": time.time() - started}, global_step)
-            if global_step % 100 == 0 and tracker.skipped():
-                progress.write(f"step {global_step}: skipped samples on rank 0: {tracker.skipped()}")
+            if global_step % 100 == 0 and skipped:
+                progress.write(f"step {global_step}: skipped samples (all ranks): {skipped}")
 
         if consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
             path = save(global_step)
@@ -783,12 +787,11 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
     if rank == 0:
         path = pcm_lora.save_lora(student, args.output_dir)
         with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as f:
-            json.dump(vars(args), f, indent=2)
+            json.dump(recordable_args(args), f, indent=2)
         log(f"saved LoRA to {path}; load it with pipe.load_lora_weights(...) and "
             f"joint_attention_kwargs={{'scale': {pcm_lora.inference_lora_scale(args.lora_rank)}}}")
-        skipped = tracker.skipped()
         if skipped:
-            log(f"skipped samples on rank 0: {skipped}")
+            log(f"skipped samples (all ranks): {skipped}")
         if args.text_embedding_cache_size:
             log(f"text embedding cache on rank 0: {encode.hits} hits, {encode.misses} misses")
         trackers.close()

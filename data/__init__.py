@@ -13,13 +13,14 @@ Public API (see each module for details):
 
 from .dataset import ImageCaptionDataset
 from .loader import build_dataset, build_one_pass_dataloader, build_train_dataloader
-from .readers import count_image_samples
+from .readers import DEFAULT_MAX_MEMBER_BYTES, count_image_samples
 from .skips import SKIP_REASONS, SkipCounter, aggregate_skip_counts
 from .sources import DataPathError, DataSource, expand_braces, resolve_data_source, validate_data_path
 from .tracker import DataTracker
 from .transforms import TransformConfig
 
 __all__ = [
+    "DEFAULT_MAX_MEMBER_BYTES",
     "SKIP_REASONS",
     "DataPathError",
     "DataSource",

@@ -44,7 +44,7 @@ import numpy as np
 import paddle
 
 from .decode import SkipSample, decode_sample
-from .readers import RawSample, iter_tar_samples, read_folder_sample
+from .readers import DEFAULT_MAX_MEMBER_BYTES, RawSample, iter_tar_samples, read_folder_sample
 from .sharding import ALL, BY_SAMPLE, Assignment, Slot, assign, epoch_units, resolve_rank_and_world_size, split_mode
 from .skips import SkipCounter
 from .sources import DataPathError, DataSource
@@ -130,6 +130,7 @@ class ImageCaptionDataset(paddle.io.IterableDataset):
             there are fewer shards than readers; the actual split always
             follows ``paddle.io.get_worker_info()``.
         resume_state: ``DataTracker.state_dict()`` of the run to resume.
+        max_member_bytes: members/files above this size drop their sample unread (``--max_member_bytes``).
     """
 
     def __init__(
@@ -145,6 +146,7 @@ class ImageCaptionDataset(paddle.io.IterableDataset):
         world_size: int | None = None,
         num_workers: int = 0,
         resume_state: Mapping | None = None,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ):
         super().__init__()
         if batch_size < 1:
@@ -158,6 +160,7 @@ class ImageCaptionDataset(paddle.io.IterableDataset):
         self.rank, self.world_size = resolve_rank_and_world_size(rank, world_size)
         self.num_workers = num_workers
         self.resume_state = dict(resume_state) if resume_state else None
+        self.max_member_bytes = max_member_bytes
         readers = self.world_size * max(1, num_workers)
         if split_mode(len(source.units), readers, source.kind) == BY_SAMPLE:
             warnings.warn(
@@ -302,13 +305,14 @@ class ImageCaptionDataset(paddle.io.IterableDataset):
         """Raw samples of ``share``; damage to shards this slot does not own goes uncounted."""
         if self.source.kind == "folder":
             for unit in share.units:
-                raw = read_folder_sample(unit, self.source.path, skips)
+                raw = read_folder_sample(unit, self.source.path, skips, self.max_member_bytes)
                 if raw is not None:
                     yield raw
             return
         index, not_counted = 0, SkipCounter()
         for unit_index, shard in enumerate(share.units):
-            for raw in iter_tar_samples(shard, skips if share.owns_unit(unit_index) else not_counted):
+            counter = skips if share.owns_unit(unit_index) else not_counted
+            for raw in iter_tar_samples(shard, counter, self.max_member_bytes):
                 if index % share.stride == share.offset:
                     yield raw
                 index += 1

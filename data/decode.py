@@ -1,7 +1,9 @@
 """Turning a :class:`~data.readers.RawSample` into an RGB image and a caption.
 
 Every way a sample can be unusable ends in :class:`SkipSample` carrying one
-reason from :mod:`data.skips`; the caller counts it and moves on.
+reason from :mod:`data.skips`; the caller counts it and moves on.  Any
+exception while decoding a caption or an image is a ``decode_error``: nothing
+a sample holds can end a DataLoader worker.
 
 * Caption: the ``txt`` member, else the ``caption`` string of the ``json``
   member (pixparse/cc3m-wds layout), stripped of surrounding whitespace.
@@ -54,7 +56,12 @@ def decode_sample(
     image_bytes = raw.members[image_ext]
     if not image_bytes:
         raise SkipSample(EMPTY_FILE)
-    caption = extract_caption(raw.members)
+    try:
+        caption = extract_caption(raw.members)
+    except SkipSample:
+        raise
+    except Exception:  # anything a hostile caption triggers (e.g. RecursionError on deeply nested json)
+        raise SkipSample(DECODE_ERROR) from None
     image = decode_image(image_bytes, min_image_size=min_image_size, resolution=resolution)
     return image, caption
 

@@ -7,6 +7,7 @@ from typing import Mapping
 import paddle
 
 from .dataset import ImageCaptionDataset
+from .readers import DEFAULT_MAX_MEMBER_BYTES
 from .sources import resolve_data_source
 from .transforms import TransformConfig
 
@@ -26,6 +27,7 @@ def build_dataset(
     rank: int | None = None,
     world_size: int | None = None,
     resume_state: Mapping | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> ImageCaptionDataset:
     """Resolve ``data_path`` and build the streaming dataset (see ``data.dataset``).
 
@@ -43,6 +45,7 @@ def build_dataset(
         world_size=world_size,
         num_workers=num_workers,
         resume_state=resume_state,
+        max_member_bytes=max_member_bytes,
     )
 
 
@@ -64,6 +67,7 @@ def build_train_dataloader(
     world_size: int | None = None,
     shuffle_buffer: int = 1000,
     resume_state: Mapping | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> paddle.io.DataLoader:
     """The trainer's infinite, shuffled, rank- and worker-sharded DataLoader.
 
@@ -91,6 +95,7 @@ def build_train_dataloader(
         rank=rank,
         world_size=world_size,
         resume_state=resume_state,
+        max_member_bytes=max_member_bytes,
     )
     return _dataloader(dataset, num_workers)
 
@@ -106,6 +111,7 @@ def build_one_pass_dataloader(
     min_image_size: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> paddle.io.DataLoader:
     """One pass over this rank's share of every sample, in stored order, with the training transforms.
 
@@ -125,5 +131,6 @@ def build_one_pass_dataloader(
         num_workers=num_workers,
         rank=rank,
         world_size=world_size,
+        max_member_bytes=max_member_bytes,
     )
     return _dataloader(dataset, num_workers)

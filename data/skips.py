@@ -1,7 +1,8 @@
 """Counting of skipped samples, by reason.
 
-The pipeline never raises on bad data: every sample it cannot use is dropped
-and counted here under one of the reasons below.  Each DataLoader worker owns
+The pipeline never raises on bad data: every sample it cannot use, and every
+member it drops from a sample it keeps (hidden or duplicate names), is counted
+here under one of the reasons below.  Each DataLoader worker owns
 one :class:`SkipCounter`; its cumulative counts travel to the main process
 attached to every batch (see ``data.dataset.ImageCaptionDataset``) and are summed
 there with :func:`aggregate_skip_counts` (or ``data.tracker.DataTracker``).
@@ -28,6 +29,15 @@ TOO_LARGE = "too_large"
 """An image above PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
 READ_ERROR = "read_error"
 """A shard or file that cannot be opened or read from disk (permissions, vanished file)."""
+MEMBER_TOO_LARGE = "member_too_large"
+"""A sample with a member or file above ``--max_member_bytes`` (declared size; never read)."""
+NOT_REGULAR_FILE = "not_regular_file"
+"""A sample with a member or file that is not a regular file: a link, FIFO or device in a tar; a FIFO,
+socket, device, symlink loop or dangling symlink in a folder (never opened for reading)."""
+HIDDEN_MEMBER = "hidden_member"
+"""A tar member whose file name starts with "." (dropped; the rest of its sample is kept)."""
+DUPLICATE_MEMBER = "duplicate_member"
+"""A second member with the same key and extension within one sample (dropped; the first one is kept)."""
 
 SKIP_REASONS = (
     DECODE_ERROR,
@@ -38,6 +48,10 @@ SKIP_REASONS = (
     TOO_SMALL,
     TOO_LARGE,
     READ_ERROR,
+    MEMBER_TOO_LARGE,
+    NOT_REGULAR_FILE,
+    HIDDEN_MEMBER,
+    DUPLICATE_MEMBER,
 )
 
 

@@ -44,10 +44,12 @@ class DataPathError(ValueError):
 
 @dataclass(frozen=True)
 class FolderSample:
-    """One sample of the folder format: its key and its files by extension."""
+    """One sample of the folder format: its key, its files by extension and how many more files had a
+    key and extension already taken (``a.JPG`` beside ``a.jpg``: the first by name is used)."""
 
     key: str
     files: dict[str, str]
+    duplicates: int = 0
 
 
 Unit = Union[str, FolderSample]
@@ -135,12 +137,18 @@ def resolve_data_source(path: str) -> DataSource:
         return DataSource(path, "tar", (path,), f"single tar shard {path}")
     if not os.path.isdir(path):
         raise DataPathError(path, "does not exist")
-    shards = sorted(
-        entry.path for entry in os.scandir(path) if entry.is_file() and entry.name.endswith(".tar")
-    )
+    shards = sorted(entry.path for entry in os.scandir(path) if entry.name.endswith(".tar") and _is_file(entry))
     if shards:
         return DataSource(path, "tar", tuple(shards), f"{len(shards)} tar shard(s) in directory {path}")
     return _folder_source(path)
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """``entry.is_file()``, False for a symlink loop (ELOOP) or another entry that cannot be inspected."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def validate_data_path(path: str) -> str:
@@ -173,16 +181,20 @@ def _brace_source(path: str) -> DataSource:
 def _folder_source(root: str) -> DataSource:
     wanted = set(IMAGE_EXTENSIONS) | set(CAPTION_EXTENSIONS)
     groups: dict[str, dict[str, str]] = {}
+    duplicates: dict[str, int] = {}
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = [name for name in subdirs if not name.startswith(".")]
-        for name in files:
+        for name in sorted(files):
             stem, ext = os.path.splitext(name)
             ext = ext[1:].lower()
             if name.startswith(".") or ext not in wanted:
                 continue
             full = os.path.join(directory, name)
             key = os.path.relpath(os.path.join(directory, stem), root)
-            groups.setdefault(key, {})[ext] = full
+            if ext in groups.setdefault(key, {}):
+                duplicates[key] = duplicates.get(key, 0) + 1
+                continue
+            groups[key][ext] = full
     images = sum(1 for files in groups.values() if any(ext in files for ext in IMAGE_EXTENSIONS))
     pairs = sum(
         1
@@ -195,7 +207,7 @@ def _folder_source(root: str) -> DataSource:
         raise DataPathError(
             root, f"directory has {images} image(s) but none with a same-stem .txt/.json caption"
         )
-    units = tuple(FolderSample(key, groups[key]) for key in sorted(groups))
+    units = tuple(FolderSample(key, groups[key], duplicates.get(key, 0)) for key in sorted(groups))
     description = (
         f"image folder {root}: {len(units)} sample key(s), {images} image(s), "
         f"{pairs} with a caption"

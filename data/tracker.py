@@ -10,8 +10,9 @@ per-worker throughput and save a resume state with its checkpoints::
     for batch in loader:
         tracker.update(batch)
         ...
+        skipped = tracker.skipped_all_ranks()    # every rank, once per logged step
         if step % log_every == 0:
-            logger.info("skipped samples: %s", tracker.skipped())
+            logger.info("skipped samples: %s", skipped)
         if checkpointing:
             save_json(tracker.state_dict())      # -> resume_state=... on restart
 
@@ -25,8 +26,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import paddle
+
 from .dataset import ImageCaptionDataset
-from .skips import aggregate_skip_counts
+from .skips import SKIP_REASONS, aggregate_skip_counts
 
 
 class DataTracker:
@@ -46,6 +49,17 @@ class DataTracker:
     def skipped(self) -> dict[str, int]:
         """Skipped samples by reason, summed over the readers (this rank only)."""
         return aggregate_skip_counts(state["skipped"] for state in self._states.values())
+
+    def skipped_all_ranks(self) -> dict[str, int]:
+        """Skipped samples by reason, summed over the readers of every rank: one all-reduce of one
+        vector (a collective: every rank must call it at the same point)."""
+        local = self.skipped()
+        if paddle.distributed.get_world_size() < 2:
+            return local
+        reasons = sorted(SKIP_REASONS)
+        counts = paddle.to_tensor([local.get(reason, 0) for reason in reasons], dtype="int64")
+        paddle.distributed.all_reduce(counts)
+        return {reason: int(n) for reason, n in zip(reasons, counts.numpy()) if n}
 
     def kept(self) -> int:
         """Samples decoded and yielded so far, summed over the readers (this rank only)."""

@@ -22,21 +22,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from safe_pdparams import UnsafeFileError, is_safetensors, load_pdparams  # noqa: E402  (numpy only)
+
 SCALE_KEY = "pcm_lora_scale"
 
 
 def read(path: str):
-    """Tensors (as numpy) and metadata of a .safetensors file (or a folder holding exactly one)."""
+    """Tensors (as numpy) and metadata of a .safetensors file (or a folder holding exactly one), or of a
+    Paddle .pdparams state dict (read by the allow-list loader; Paddle layout, metadata format "pd")."""
     if os.path.isdir(path):
         files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
         if len(files) != 1:
             raise SystemExit(f"error: {path} holds {len(files)} .safetensors files; name the file")
         path = os.path.join(path, files[0])
+    if not is_safetensors(path):
+        return load_pdparams(path), {"format": "pd"}
     with safe_open(path, framework="np") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
@@ -91,14 +98,17 @@ def lora_scale_of_run(path: str) -> float | None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--to", required=True, choices=["diffusers", "paddle"])
-    p.add_argument("input", help="LoRA .safetensors file (or a folder holding one)")
+    p.add_argument("input", help="LoRA .safetensors or .pdparams file (or a folder holding one .safetensors)")
     p.add_argument("output", help="output .safetensors file")
     p.add_argument("--lora_scale", type=float, default=None,
                    help="--to diffusers: the training scale alpha/rank to fold in (default: from training_args.json, else 0.25)")
     p.add_argument("--halved", action="store_true", help="--to paddle: the input is the reference convert.py's halved fp16 form")
     args = p.parse_args(argv)
 
-    tensors, metadata = read(args.input)
+    try:
+        tensors, metadata = read(args.input)
+    except UnsafeFileError as error:
+        raise SystemExit(f"error: {error}") from None
     _check_lora(tensors, args.input)
     if args.to == "diffusers":
         if metadata.get("format") == "pt":

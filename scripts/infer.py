@@ -21,6 +21,7 @@ import paddle  # noqa: E402
 from pcm_fm_deterministic_scheduler import PCMFMDeterministicScheduler  # noqa: E402
 from pcm_fm_stochastic_scheduler import PCMFMStochasticScheduler  # noqa: E402
 import pcm_lora  # noqa: E402
+from safe_pdparams import UnsafeFileError, is_safetensors, load_pdparams  # noqa: E402
 from tracking import quiet_library_logging  # noqa: E402
 from validation import SEED_PROMPT  # noqa: E402
 from convert_lora import lora_scale_of_run  # noqa: E402  (scripts/ is this script's own folder)
@@ -45,6 +46,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=["float16", "float32"], default=None, help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--output", default="pcm.png", help="PNG path; with several prompts, -0, -1 ... are appended")
     args = p.parse_args(argv)
+    if args.lora and os.path.isfile(args.lora) and not is_safetensors(args.lora):
+        load_pdparams(args.lora)  # a crafted pickle is refused before the pipeline loads (load_lora_weights reads it so too)
 
     from ppdiffusers import StableDiffusion3Pipeline
 
@@ -80,4 +83,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UnsafeFileError as error:
+        sys.exit(f"error: {error}")

@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import DataPathError, DataTracker, build_one_pass_dataloader  # noqa: E402
+from data import DEFAULT_MAX_MEMBER_BYTES, DataPathError, DataTracker, build_one_pass_dataloader  # noqa: E402
 
 
 def inspect(
@@ -30,6 +30,7 @@ def inspect(
     center_crop: bool = False,
     random_flip: bool = False,
     min_image_size: int = 0,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     num_workers: int = 0,
     batch_size: int = 16,
     seed: int = 0,
@@ -45,6 +46,7 @@ def inspect(
         center_crop=center_crop,
         random_flip=random_flip,
         min_image_size=min_image_size,
+        max_member_bytes=max_member_bytes,
         rank=0,
         world_size=1,
     )
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--center_crop", action="store_true")
     parser.add_argument("--random_flip", action="store_true")
     parser.add_argument("--min_image_size", type=int, default=0)
+    parser.add_argument("--max_member_bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                        help="skip samples with a tar member or file larger than this, unread (default 64 MiB)")
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             center_crop=args.center_crop,
             random_flip=args.random_flip,
             min_image_size=args.min_image_size,
+            max_member_bytes=args.max_member_bytes,
             num_workers=args.num_workers,
             batch_size=args.batch_size,
             seed=args.seed,

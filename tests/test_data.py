@@ -461,3 +461,117 @@ def test_count_image_samples_matches_what_the_maker_wrote(clean_wds):
     from data import count_image_samples, resolve_data_source
 
     assert count_image_samples(resolve_data_source(clean_wds["output_dir"])) == clean_wds["samples"] == 36
+
+
+# --------------------------------------------------------------------------- hostile data
+
+
+def _jpeg(size=40, color="red"):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _sparse_member(name, declared_size, stored=10240):
+    """Header + data of a GNU (old format) sparse member: ``stored`` bytes on disk, ``declared_size`` expanded."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, stored
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:410] = tarfile.itn(0, 12, tarfile.GNU_FORMAT) + tarfile.itn(stored, 12, tarfile.GNU_FORMAT)
+    header[483:495] = tarfile.itn(declared_size, 12, tarfile.GNU_FORMAT)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header[:512])
+    return bytes(header) + bytes(stored)
+
+
+def write_hostile_tar(path, good=2, declared=2**30):
+    """Good samples plus one of each kind of hostile member (see the counts test below); returns the kept keys."""
+    deep_json = b'{"caption": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    blobs = []
+
+    def add(name, data=b"", **fields):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        for key, value in fields.items():
+            setattr(info, key, value)
+        blobs.append(info.tobuf(tarfile.GNU_FORMAT) + data + bytes(-len(data) % 512))
+
+    for i in range(good):
+        add(f"good{i}.jpg", _jpeg())
+        add(f"good{i}.txt", b"a red square")
+    add("deep.jpg", _jpeg())
+    add("deep.json", deep_json)  # RecursionError in json.loads -> decode_error
+    blobs.append(_sparse_member("sparse.jpg", declared))  # 2 GiB declared in a 10 KB member -> member_too_large
+    add("sparse.txt", b"never read")
+    add("link.jpg", type=tarfile.SYMTYPE, linkname="good0.jpg")  # -> not_regular_file
+    add("link.txt", b"a link")
+    add("fifo.jpg", _jpeg())
+    add("fifo.txt", type=tarfile.FIFOTYPE)  # -> not_regular_file
+    add("hidden.jpg", _jpeg())
+    add("._hidden.jpg", b"AppleDouble")  # -> hidden_member, the sample is kept
+    add("hidden.txt", b"a hidden sibling")
+    add("dup.jpg", _jpeg())
+    add("dup.jpg", _jpeg(color="blue"))  # -> duplicate_member, the first one is kept
+    add("dup.txt", b"a duplicate")
+    with open(path, "wb") as f:
+        f.write(b"".join(blobs) + bytes(1024))
+    return [f"good{i}" for i in range(good)] + ["hidden", "dup"]
+
+
+HOSTILE_TAR_SKIPS = {"decode_error": 1, "duplicate_member": 1, "hidden_member": 1, "member_too_large": 1,
+                     "not_regular_file": 2}
+
+
+def test_hostile_tar_members_are_skipped_and_counted(tmp_path, hang_guard):
+    shard = str(tmp_path / "hostile.tar")
+    kept = write_hostile_tar(shard)
+    with tarfile.open(shard) as archive:  # the shard is what it claims: tarfile sees a 1 GiB sparse member
+        assert archive.getmember("sparse.jpg").size == 2**30 and archive.getmember("sparse.jpg").isfile()
+    batches, tracker = one_pass(shard)
+    assert sorted(keys_of(batches)) == sorted(kept)
+    assert tracker.skipped() == HOSTILE_TAR_SKIPS
+    dup = [b["pixel_values"][b["keys"].index("dup")] for b in batches if "dup" in b["keys"]][0]
+    assert float(dup[0].mean()) > 0.9 > float(dup[2].mean())  # the first (red) dup.jpg, not the blue one
+    _, capped = one_pass(shard, max_member_bytes=100)  # every image and the json (> 100 bytes) are now too large
+    assert capped.kept() == 0
+    assert capped.skipped() == {"hidden_member": 1, "member_too_large": 7, "not_regular_file": 1}
+
+
+def test_hostile_folder_entries_are_skipped_and_counted(tmp_path, hang_guard):
+    root = tmp_path / "folder"
+    root.mkdir()
+    for key in ("good", "fifo", "loop", "big", "dup"):
+        (root / f"{key}.txt").write_text(f"caption of {key}")
+        (root / f"{key}.jpg").write_bytes(_jpeg())
+    (root / "dup.JPG").write_bytes(_jpeg(color="blue"))  # same key and extension -> duplicate_member
+    (root / "fifo.txt").unlink()
+    os.mkfifo(root / "fifo.txt")  # opening it for reading would block forever
+    (root / "loop.jpg").unlink()
+    os.symlink("loop.jpg", root / "loop.jpg")  # ELOOP
+    with open(root / "big.jpg", "r+b") as f:
+        f.truncate(2**30)  # sparse 1 GiB file -> member_too_large, never read
+    assert "image folder" in validate_data_path(str(root))  # no ELOOP traceback
+    batches, tracker = one_pass(str(root))
+    assert sorted(keys_of(batches)) == ["dup", "good"]
+    assert tracker.skipped() == {"duplicate_member": 1, "member_too_large": 1, "not_regular_file": 2}
+    loops = tmp_path / "loops"
+    loops.mkdir()
+    os.symlink("x.tar", loops / "x.tar")
+    with pytest.raises(DataPathError, match="no .tar shards and no image or caption files") as error:
+        validate_data_path(str(loops))
+    assert "\n" not in str(error.value)
+
+
+def test_inspect_script_survives_hostile_data(tmp_path, hang_guard, capfd):
+    import inspect_data
+
+    for key in ("good", "fifo", "big"):
+        (tmp_path / f"{key}.txt").write_text(f"caption of {key}")
+        (tmp_path / f"{key}.jpg").write_bytes(_jpeg())
+    (tmp_path / "fifo.txt").unlink()
+    os.mkfifo(tmp_path / "fifo.txt")  # inspect_data.py used to block forever in open() here
+    with open(tmp_path / "big.jpg", "r+b") as f:
+        f.truncate(2**20 + 1)
+    inspect_data.main(["--data_path", str(tmp_path), "--resolution", str(RES), "--max_member_bytes", str(2**20)])
+    report = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert report["samples"] == 1 and report["skipped_by_reason"] == {"member_too_large": 1, "not_regular_file": 1}

@@ -61,3 +61,16 @@ def test_hub_token_with_wandb_is_refused(tiny_sd3, tmp_path, monkeypatch, capsys
     code, err = _main_error(["--pretrained_teacher_model", tiny_sd3, "--data_path", str(tmp_path),
                              "--report_to", "wandb", "--hub_token", "secret-value"], capsys)
     assert code == 2 and "--hub_token" in err and "secret-value" not in err
+
+
+def test_recordable_args_redact_secret_flags_and_environment_values():
+    from tracking import REDACTED, recordable_args
+
+    args = trainer.parse_args(["--pretrained_teacher_model", "m", "--data_path", "d", "--hub_token", "hf_flagsecret1",
+                               "--tracker_project_name", "run-of-envsecret42", "--validation_prompt", "x envsecret42"])
+    recorded = recordable_args(args, environ={"HF_TOKEN": "envsecret42", "WANDB_API_KEY": "wandbkey99",
+                                              "SHORT_TOKEN": "1", "HOME": "/root"})
+    assert recorded["hub_token"] == REDACTED and recorded["hub_model_id"] is None
+    assert recorded["tracker_project_name"] == f"run-of-{REDACTED}" and recorded["validation_prompt"] == [f"x {REDACTED}"]
+    assert recorded["lora_rank"] == args.lora_rank and recorded["pretrained_teacher_model"] == "m"
+    assert "hf_flagsecret1" not in json.dumps(recorded) and "envsecret42" not in json.dumps(recorded)
