@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import paddle
 
@@ -46,9 +46,11 @@ def build_dataset(
     )
 
 
-def _dataloader(dataset: ImageCaptionDataset, num_workers: int) -> paddle.io.DataLoader:
-    """The dataset batches itself (see ``ImageCaptionDataset``), hence ``batch_size=None``."""
-    return paddle.io.DataLoader(dataset, batch_size=None, num_workers=num_workers)
+def _dataloader(dataset: ImageCaptionDataset, num_workers: int, worker_init_fn: Callable | None = None) -> paddle.io.DataLoader:
+    """The dataset batches itself (see ``ImageCaptionDataset``), hence ``batch_size=None``. (Paddle's own
+    ``timeout`` only sets how often a waiting reader checks for dead workers; the trainer bounds the wait
+    for a batch itself, see ``run_control.BatchStream``.)"""
+    return paddle.io.DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=worker_init_fn)
 
 
 def build_train_dataloader(
@@ -64,6 +66,7 @@ def build_train_dataloader(
     world_size: int | None = None,
     shuffle_buffer: int = 1000,
     resume_state: Mapping | None = None,
+    worker_init_fn: Callable | None = None,
 ) -> paddle.io.DataLoader:
     """The trainer's infinite, shuffled, rank- and worker-sharded DataLoader.
 
@@ -72,7 +75,8 @@ def build_train_dataloader(
     "reader": int64 Tensor [1], "worker_state": dict}`` forever (see
     ``data.dataset.ImageCaptionDataset``; feed each batch to a
     ``data.tracker.DataTracker`` for skip counts and the resume state).
-    ``rank``/``world_size`` default to ``paddle.distributed``.
+    ``rank``/``world_size`` default to ``paddle.distributed``; ``worker_init_fn(worker_id)`` runs first in
+    each worker process (the trainer's makes workers ignore stop signals and die with their rank).
 
     Raises:
         data.sources.DataPathError: ``data_path`` holds nothing usable.
@@ -92,7 +96,7 @@ def build_train_dataloader(
         world_size=world_size,
         resume_state=resume_state,
     )
-    return _dataloader(dataset, num_workers)
+    return _dataloader(dataset, num_workers, worker_init_fn)
 
 
 def build_one_pass_dataloader(

@@ -1,7 +1,8 @@
-"""Checkpoints: exact resume after SIGKILL on 2 ranks, pruning, corrupt/incomplete skipping, explicit paths,
-layout checks, SIGTERM."""
+"""Checkpoints: exact resume after SIGKILL on 2 ranks, pruning, corrupt/incomplete/tampered skipping and strict
+loading, explicit paths, layout checks before any model is loaded, atomic final writes, SIGTERM."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,10 +53,8 @@ def env():
 def final_weights(out):
     """The LoRA written at the end and the heads of the final checkpoint."""
     steps = [s for s, _ in checkpointing.list_checkpoints(str(out))]
-    import paddle
-
-    heads = paddle.load(os.path.join(out, f"checkpoint-{steps[-1]}", "discriminator_heads.pdparams"))
-    return load_file(os.path.join(out, "paddle_lora_weights.safetensors")), {k: v.numpy() for k, v in heads.items()}
+    heads = load_file(os.path.join(out, f"checkpoint-{steps[-1]}", "discriminator_heads.safetensors"))
+    return load_file(os.path.join(out, "paddle_lora_weights.safetensors")), heads
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -103,18 +102,21 @@ def test_pruning_keeps_the_newest_complete_checkpoints(tiny_sd3, resume_data, tm
     assert [s for s, _ in checkpointing.list_checkpoints(str(out))] == [6, 7]  # 2, 4 pruned; 7 = the final state
     state = json.loads((out / "checkpoint-7" / checkpointing.STATE_FILE).read_text())
     assert state["global_step"] == 7 and state["world_size"] == 1
-    for name in state["files"] + ["rank-0.pkl"]:
-        assert (out / "checkpoint-7" / name).is_file()
+    assert "rank-0.json" in state["files"]
+    for name, record in state["files"].items():  # size and SHA-256 of every file, and only safetensors/JSON
+        assert checkpointing.file_record(str(out / "checkpoint-7" / name)) == record
+    assert {p.suffix for p in (out / "checkpoint-7").iterdir()} == {".safetensors", ".json"}
 
 
 def _fake_checkpoint(root, step, world_size=1, complete=True):
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True)
-    for r in range(world_size):
-        (folder / f"rank-{r}.pkl").write_bytes(b"x")
-    (folder / "a.bin").write_bytes(b"x")
+    names = ["a.json", *(f"rank-{r}.json" for r in range(world_size))]
+    for name in names:
+        (folder / name).write_text("{}")
     if complete:
-        (folder / checkpointing.STATE_FILE).write_text(json.dumps({"global_step": step, "world_size": world_size, "files": ["a.bin"]}))
+        files = {name: checkpointing.file_record(str(folder / name)) for name in names}
+        (folder / checkpointing.STATE_FILE).write_text(json.dumps({"global_step": step, "world_size": world_size, "files": files}))
     return folder
 
 
@@ -123,38 +125,61 @@ def test_latest_skips_incomplete_and_corrupt_checkpoints(tmp_path):
     _fake_checkpoint(tmp_path, 4, world_size=2)
     _fake_checkpoint(tmp_path, 6, complete=False)  # killed mid-save: no state file
     (_fake_checkpoint(tmp_path, 8) / checkpointing.STATE_FILE).write_text("{not json")
-    os.remove(_fake_checkpoint(tmp_path, 10, world_size=2) / "rank-1.pkl")  # a rank's part missing
-    (tmp_path / "checkpoint-12.incomplete").mkdir()  # a save in progress is never a checkpoint
+    os.remove(_fake_checkpoint(tmp_path, 10, world_size=2) / "rank-1.json")  # a rank's part missing
+    (_fake_checkpoint(tmp_path, 12) / "a.json").write_text("{ }")  # same size, other content
+    with open(_fake_checkpoint(tmp_path, 14) / "rank-0.json", "a") as f:
+        f.write("\n")  # appended to
+    (_fake_checkpoint(tmp_path, 16) / checkpointing.STATE_FILE).write_text("[1, 2]")  # JSON of the wrong type
+    (tmp_path / "checkpoint-18.incomplete").mkdir()  # a save in progress is never a checkpoint
     warnings = []
-    assert checkpointing.find_resume_checkpoint(str(tmp_path), "latest", warn=warnings.append) == str(tmp_path / "checkpoint-4")
-    assert len(warnings) == 3 and all(w.startswith("warning: skipping checkpoint") for w in warnings)
+    path, state = checkpointing.find_resume_checkpoint(str(tmp_path), "latest", warn=warnings.append)
+    assert path == str(tmp_path / "checkpoint-4") and state["global_step"] == 4
+    assert len(warnings) == 6 and all(w.startswith("warning: skipping checkpoint") and "\n" not in w for w in warnings)
+    for step, file in [(8, checkpointing.STATE_FILE), (10, "rank-1.json"), (12, "a.json"), (14, "rank-0.json"),
+                       (16, checkpointing.STATE_FILE)]:
+        assert any(f"checkpoint-{step}" in w and file in w for w in warnings), (step, warnings)
     assert checkpointing.find_resume_checkpoint(str(tmp_path / "empty"), "latest") is None
 
 
 def test_explicit_checkpoint_paths(tmp_path):
     good = _fake_checkpoint(tmp_path, 2)
-    assert checkpointing.find_resume_checkpoint(str(tmp_path), "checkpoint-2") == str(good)
-    assert checkpointing.find_resume_checkpoint("/elsewhere", str(good)) == str(good)
+    assert checkpointing.find_resume_checkpoint(str(tmp_path), "checkpoint-2")[0] == str(good)
+    assert checkpointing.find_resume_checkpoint("/elsewhere", str(good))[0] == str(good)
     with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
         checkpointing.find_resume_checkpoint(str(tmp_path), "checkpoint-99")
     (tmp_path / "not-a-checkpoint").mkdir()
     with pytest.raises(checkpointing.CheckpointError, match="not a complete checkpoint"):
         checkpointing.find_resume_checkpoint(str(tmp_path), "not-a-checkpoint")
+    (good / "a.json").write_text("[]")  # an explicitly named corrupt checkpoint is an error, not a fallback
+    with pytest.raises(checkpointing.CheckpointError, match="a.json is corrupt"):
+        checkpointing.find_resume_checkpoint(str(tmp_path), "checkpoint-2")
 
 
-def test_resume_errors_are_one_line(tiny_sd3, resume_data, tmp_path, capsys):
-    base = ["--pretrained_teacher_model", tiny_sd3, "--data_path", resume_data, "--output_dir", str(tmp_path),
+def configs_only(model, dest):
+    """A copy of a model folder without its weight files: loading any model from it fails."""
+    shutil.copytree(model, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.pdparams", "*.bin"))
+    return str(dest)
+
+
+def test_resume_errors_are_one_line_and_come_before_any_model_is_loaded(tiny_sd3, resume_data, tmp_path, capsys):
+    teacher = configs_only(tiny_sd3, tmp_path / "no-weights")
+    out = tmp_path / "out"
+    base = ["--pretrained_teacher_model", teacher, "--data_path", resume_data, "--output_dir", str(out),
             "--resolution", "64", "--max_train_steps", "2", "--report_to", "none", "--num_validation_images", "0"]
     assert trainer.main(base + ["--resume_from_checkpoint", "checkpoint-99"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--resume_from_checkpoint" in err and "does not exist" in err
     # a checkpoint made with 2 ranks cannot continue with 1: the data order and batch would change
-    _fake_checkpoint(tmp_path, 2, world_size=2)
-    state = tmp_path / "checkpoint-2" / checkpointing.STATE_FILE
+    _fake_checkpoint(out, 2, world_size=2)
+    state = out / "checkpoint-2" / checkpointing.STATE_FILE
     state.write_text(json.dumps({**json.loads(state.read_text()), "train_batch_size": 4}))
     assert trainer.main(base + ["--resume_from_checkpoint", "latest", "--train_batch_size", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "world_size=2" in err and "world_size=1" in err
+    state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 1, "lora_rank": 8}))
+    assert trainer.main(base + ["--resume_from_checkpoint", "latest", "--train_batch_size", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lora_rank=8" in err and "lora_rank=4" in err
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tiny_sd3, resume_data, tmp_path):
