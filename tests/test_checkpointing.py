@@ -57,16 +57,48 @@ def final_weights(out):
     return load_file(os.path.join(out, "paddle_lora_weights.safetensors")), heads
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigkill_then_resume_equals_uninterrupted_run(tiny_sd3, resume_data, tmp_path, workers):
-    steps = 12
-    reference = tmp_path / "reference"
-    done = subprocess.run(launch_cmd(tiny_sd3, resume_data, reference, tmp_path / "l0", steps, workers),
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+STEPS = 12
 
+
+@pytest.fixture(scope="session")
+def reference_weights(tiny_sd3, resume_data, tmp_path_factory):
+    """``reference_weights(workers)``: final weights of an uninterrupted 2-rank run of STEPS steps (run once)."""
+    cache = {}
+
+    def get(workers):
+        if workers not in cache:
+            root = tmp_path_factory.mktemp(f"reference-{workers}-workers")
+            done = subprocess.run(launch_cmd(tiny_sd3, resume_data, root / "run", root / "logs", STEPS, workers),
+                                  cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+            cache[workers] = final_weights(root / "run")
+        return cache[workers]
+
+    return get
+
+
+def assert_same_weights(a, b):
+    (lora_a, heads_a), (lora_b, heads_b) = a, b
+    assert set(lora_a) == set(lora_b) and set(heads_a) == set(heads_b)
+    for key in lora_a:  # Paddle's CPU kernels are deterministic here: bitwise equal
+        np.testing.assert_array_equal(lora_a[key], lora_b[key], err_msg=key)
+    for key in heads_a:
+        np.testing.assert_array_equal(heads_a[key], heads_b[key], err_msg=key)
+
+
+def resume_to_the_end(tiny_sd3, data, out, log_dir, workers):
+    """Run the 2-rank job on ``out`` again with ``latest``; returns rank 0's log."""
+    resumed = subprocess.run(launch_cmd(tiny_sd3, data, out, log_dir, STEPS, workers),
+                             cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    logs = (log_dir / "workerlog.0").read_text(errors="replace")
+    assert resumed.returncode == 0, resumed.stderr[-3000:] + logs[-3000:]
+    return logs
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_equals_uninterrupted_run(tiny_sd3, resume_data, reference_weights, tmp_path, workers):
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(launch_cmd(tiny_sd3, resume_data, interrupted, tmp_path / "l1", steps, workers),
+    proc = subprocess.Popen(launch_cmd(tiny_sd3, resume_data, interrupted, tmp_path / "l1", STEPS, workers),
                             cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not (interrupted / "checkpoint-3" / checkpointing.STATE_FILE).exists():
@@ -76,19 +108,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_sd3, resume_data, tmp
     proc.wait()
     assert not (interrupted / "paddle_lora_weights.safetensors").exists(), "the run finished before the kill"
     killed_at = checkpointing.list_checkpoints(str(interrupted))[-1][0]
-    assert 3 <= killed_at < steps  # 3, 6 or 9 micro-batches: odd counts rotate the workers' roles
+    assert 3 <= killed_at < STEPS  # 3, 6 or 9 micro-batches: odd counts rotate the workers' roles
 
-    resumed = subprocess.run(launch_cmd(tiny_sd3, resume_data, interrupted, tmp_path / "l2", steps, workers),
-                             cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    logs = (tmp_path / "l2" / "workerlog.0").read_text(errors="replace")
-    assert resumed.returncode == 0, resumed.stderr[-3000:] + logs[-3000:]
+    logs = resume_to_the_end(tiny_sd3, resume_data, interrupted, tmp_path / "l2", workers)
+    assert "taking over the run lock of a job that is no longer running (host" in logs  # the stale lock of the kill
     assert f"resumed from {interrupted}/checkpoint-{killed_at} at step {killed_at}" in logs
-    (lora_a, heads_a), (lora_b, heads_b) = final_weights(reference), final_weights(interrupted)
-    assert set(lora_a) == set(lora_b) and set(heads_a) == set(heads_b)
-    for key in lora_a:  # Paddle's CPU kernels are deterministic here: bitwise equal
-        np.testing.assert_array_equal(lora_a[key], lora_b[key], err_msg=key)
-    for key in heads_a:
-        np.testing.assert_array_equal(heads_a[key], heads_b[key], err_msg=key)
+    assert_same_weights(reference_weights(workers), final_weights(interrupted))
 
 
 def test_pruning_keeps_the_newest_complete_checkpoints(tiny_sd3, resume_data, tmp_path):
@@ -237,3 +262,42 @@ def test_output_dir_must_be_shared_by_all_ranks(tmp_path, mode):
             assert not (tmp_path / "out" / "shared" / ".shared-output-dir-check").exists()
         else:
             assert f"rank {rank}: --output_dir" in text and "not shared by all ranks" in text
+
+
+def test_tampered_checkpoint_fails_the_strict_load_and_latest_falls_back(tiny_sd3, resume_data, tmp_path, capsys):
+    """A heads file with no keys but a matching checksum (the issue's silent corruption), a truncated optimizer
+    file, and an explicitly named corrupt checkpoint: never a traceback, never a silently wrong resume."""
+    from safetensors.numpy import save_file
+
+    out = tmp_path / "run"
+    base = ["--pretrained_teacher_model", tiny_sd3, "--data_path", resume_data, "--output_dir", str(out),
+            "--resolution", "64", "--train_batch_size", "2", "--checkpointing_steps", "2", "--seed", "5",
+            "--num_validation_images", "0", "--report_to", "none", "--resume_from_checkpoint", "latest"]
+    assert trainer.main(base + ["--max_train_steps", "4"]) == 0
+    uninterrupted = load_file(str(out / "paddle_lora_weights.safetensors"))
+
+    heads = out / "checkpoint-4" / "discriminator_heads.safetensors"
+    save_file({}, str(heads))
+    state_file = out / "checkpoint-4" / checkpointing.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["files"][heads.name] = checkpointing.file_record(str(heads))
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert trainer.main(base + ["--max_train_steps", "4"]) == 0
+    log = capsys.readouterr().out
+    assert f"warning: skipping checkpoint: {heads} is corrupt (20 missing keys" in log
+    assert f"resumed from {out}/checkpoint-2 at step 2" in log
+    resumed = load_file(str(out / "paddle_lora_weights.safetensors"))  # steps 3-4 again, from checkpoint-2
+    assert set(resumed) == set(uninterrupted)
+    for key in uninterrupted:
+        np.testing.assert_array_equal(resumed[key], uninterrupted[key], err_msg=key)
+
+    optimizer = out / "checkpoint-4" / "optimizer.safetensors"  # the re-saved checkpoint-4, now truncated
+    optimizer.write_bytes(optimizer.read_bytes()[:-100])
+    warnings = []
+    assert checkpointing.find_resume_checkpoint(str(out), "latest", warn=warnings.append)[0] == str(out / "checkpoint-2")
+    assert warnings == [f"warning: skipping checkpoint: {optimizer} is corrupt (size or SHA-256 differs from "
+                        f"{checkpointing.STATE_FILE})"]
+    assert trainer.main(base[:-1] + ["checkpoint-4", "--max_train_steps", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{optimizer} is corrupt" in err
