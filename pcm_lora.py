@@ -11,6 +11,7 @@ reproduces the trained student.
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import contextmanager
 
 import paddle_compat  # noqa: F401  (before ppdiffusers)
@@ -96,10 +97,16 @@ def inference_lora_scale(rank: int, lora_alpha: float = PEFT_DEFAULT_LORA_ALPHA)
 def save_lora(transformer, output_dir: str, pdparams_copy: bool = True) -> str:
     """Write the transformer's LoRA weights as ``paddle_lora_weights.safetensors`` (fp32), the file
     ``pipe.load_lora_weights`` reads, and optionally a ``.pdparams`` copy with the same keys
-    (the format the seed distributes). Returns the safetensors path."""
+    (the format the seed distributes). Each file is written under a temporary name and renamed into place,
+    so a kill during the write leaves the previous file or none, never a partial one. Returns the
+    safetensors path."""
     state = {k: v.astype("float32") for k, v in get_peft_model_state_dict(transformer).items()}
-    StableDiffusion3Pipeline.save_lora_weights(output_dir, transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME)
-    if pdparams_copy:
-        pdparams = {f"transformer.{k}": v for k, v in state.items()}
-        paddle.save(pdparams, os.path.join(output_dir, LORA_WEIGHT_NAME.replace(".safetensors", ".pdparams")))
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".writing-lora-") as tmp:
+        StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME)
+        names = [LORA_WEIGHT_NAME]
+        if pdparams_copy:
+            names.append(LORA_WEIGHT_NAME.replace(".safetensors", ".pdparams"))
+            paddle.save({f"transformer.{k}": v for k, v in state.items()}, os.path.join(tmp, names[-1]))
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
     return os.path.join(output_dir, LORA_WEIGHT_NAME)

@@ -19,7 +19,6 @@ import math
 import os
 import random
 import re
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,6 +33,7 @@ import paddle.distributed as dist  # noqa: E402
 import checkpointing  # noqa: E402
 from data import DEFAULT_MAX_MEMBER_BYTES  # noqa: E402
 import pcm_lora  # noqa: E402
+import run_control  # noqa: E402
 from tracking import Trackers, quiet_library_logging, recordable_args, resolve_trackers  # noqa: E402
 from validation import SEED_PROMPT, generate_validation_images  # noqa: E402
 from pcm_solver import EulerSolver, cfg_velocity, consistency_loss  # noqa: E402
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_member_bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
         help="skip samples with a tar member or file larger than this, without reading it (default 64 MiB)")
     add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes per rank")
+    add("--dataloader_timeout", type=float, default=600,
+        help="seconds to wait for one batch before stopping with an error (exit code 4): a stuck or "
+             "starved DataLoader worker becomes an error instead of a hang (0: wait forever)")
     add("--output_dir", default="sd3-dreambooth", help="where the LoRA, checkpoints and logs go")
     add("--seed", type=int, default=None, help="base seed; rank r uses seed + r")
     # PCM
@@ -203,6 +206,8 @@ def teacher_geometry(path: str) -> dict:
         "vae_factor": 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
         "patch_size": int(transformer.get("patch_size", 2)),
         "num_train_timesteps": int(scheduler.get("num_train_timesteps", 1000)),
+        "transformer_layers": int(transformer.get("num_layers", 0)),
+        "transformer_width": int(transformer.get("num_attention_heads", 0)) * int(transformer.get("attention_head_dim", 0)),
     }
 
 
@@ -251,6 +256,8 @@ def validate_args(args) -> dict:
         raise ArgumentError(f"--text_embedding_cache_size must be >= 0, got {args.text_embedding_cache_size}")
     if args.dataloader_num_workers < 0:
         raise ArgumentError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    if args.dataloader_timeout < 0:
+        raise ArgumentError(f"--dataloader_timeout must be >= 0 (0: wait forever), got {args.dataloader_timeout}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ArgumentError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     if args.w_min > args.w_max:
@@ -282,7 +289,30 @@ def validate_args(args) -> dict:
     except DataPathError as error:
         raise ArgumentError(str(error)) from None
     check_precision(args.mixed_precision)
+    geometry["resume"] = find_resume(args, run_layout(args, dist.get_world_size(), geometry))
     return geometry
+
+
+def run_layout(args, world_size: int, model) -> dict:
+    """What a checkpoint must share with the run that resumes from it (``model``: the teacher's geometry
+    before loading, its config after; a hub id's layout is known only after loading)."""
+    layout = {"world_size": world_size, "train_batch_size": args.train_batch_size,
+              "gradient_accumulation_steps": args.gradient_accumulation_steps, "lora_rank": args.lora_rank,
+              "resolution": args.resolution}
+    layout.update({k: model[k] for k in ("transformer_layers", "transformer_width") if model.get(k)})
+    return layout
+
+
+def find_resume(args, layout: dict):
+    """``(path, state)`` of the intact checkpoint to resume from, or None; CheckpointError (before any model is
+    loaded) if the named one does not exist or is corrupt, or if it was saved with another layout."""
+    if not args.resume_from_checkpoint:
+        return None
+    found = checkpointing.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint,
+                                                 warn=print if dist.get_rank() == 0 else lambda *a: None)
+    if found is not None:
+        checkpointing.check_compatible(found[1], layout, found[0])
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,38 +531,96 @@ class PCMStep:
 # ----------------------------------------------------------------------------------------------
 # Checkpoint contents (the atomic write, pruning and discovery are in checkpointing.py)
 # ----------------------------------------------------------------------------------------------
-def write_checkpoint_files(folder, args, student, discriminator, optimizer, adv_optimizer, lr_scheduler, scaler) -> list:
-    """Rank 0's part of a checkpoint: LoRA (the final output's format), heads, optimizers, schedule, scaler, args."""
+def write_checkpoint_files(folder, args, student, discriminator, optimizers, lr_scheduler, scaler) -> list:
+    """Rank 0's part of a checkpoint: LoRA (the final output's format), heads, optimizers (``{file stem:
+    (optimizer, its parameters)}``), schedule, scaler, args. Safetensors and JSON only."""
+    from safetensors.numpy import save_file
+
     pcm_lora.save_lora(student, folder, pdparams_copy=False)
-    files = {"discriminator_heads.pdparams": discriminator, "optimizer.pdopt": optimizer,
-             "adv_optimizer.pdopt": adv_optimizer, "lr_scheduler.pdparams": lr_scheduler}
+    save_file({k: v.numpy() for k, v in discriminator.state_dict().items()},
+              os.path.join(folder, "discriminator_heads.safetensors"))
+    for stem, (optimizer, params) in optimizers.items():
+        save_file(checkpointing.optimizer_tensors(optimizer, params), os.path.join(folder, f"{stem}.safetensors"))
+    scaler_state = None
     if scaler is not None:
-        files["grad_scaler.pdparams"] = scaler
-    for name, owner in files.items():
-        paddle.save(owner.state_dict(), os.path.join(folder, name))
-    with open(os.path.join(folder, "training_args.json"), "w", encoding="utf-8") as f:
-        json.dump(recordable_args(args), f, indent=2)
-    return [pcm_lora.LORA_WEIGHT_NAME, *files, "training_args.json"]
+        scaler_state = {k: (np.asarray(v).tolist() if k == "scale" else v) for k, v in scaler.state_dict().items()}
+    checkpointing.write_json(os.path.join(folder, "schedule.json"),
+                             {"lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler_state})
+    checkpointing.write_json(os.path.join(folder, "training_args.json"), recordable_args(args))
+    return [pcm_lora.LORA_WEIGHT_NAME, "discriminator_heads.safetensors",
+            *(f"{stem}.safetensors" for stem in optimizers), "schedule.json", "training_args.json"]
 
 
-def load_checkpoint_files(path, rank, student, discriminator, optimizer, adv_optimizer, lr_scheduler, scaler):
-    """Restore everything ``write_checkpoint_files`` and this rank's ``rank-R.pkl`` hold.
-    Returns ``(global_step, non-finite steps so far, data stream resume state)``."""
+def read_checkpoint_files(path, rank, student, discriminator, optimizers, lr_scheduler, scaler):
+    """Read and check everything a checkpoint holds for this rank against the models, changing nothing.
+    Returns a function that applies it, or raises CheckpointError (missing or unexpected keys, wrong shapes
+    or types = corrupt)."""
     from ppdiffusers.peft import set_peft_model_state_dict
-    from ppdiffusers.utils import smart_load
+    from ppdiffusers.peft.utils import get_peft_model_state_dict
 
-    lora = smart_load(os.path.join(path, pcm_lora.LORA_WEIGHT_NAME))
-    set_peft_model_state_dict(student, {k[len("transformer."):]: v for k, v in lora.items() if k.startswith("transformer.")})
-    discriminator.set_state_dict(paddle.load(os.path.join(path, "discriminator_heads.pdparams")))
-    optimizer.set_state_dict(paddle.load(os.path.join(path, "optimizer.pdopt")))
-    adv_optimizer.set_state_dict(paddle.load(os.path.join(path, "adv_optimizer.pdopt")))
-    lr_scheduler.set_state_dict(paddle.load(os.path.join(path, "lr_scheduler.pdparams")))
-    if scaler is not None and os.path.exists(os.path.join(path, "grad_scaler.pdparams")):
-        scaler.load_state_dict(paddle.load(os.path.join(path, "grad_scaler.pdparams")))
-    rank_state = checkpointing.load_rank_state(path, rank)
-    checkpointing.restore_rng_state(rank_state["rng"])
-    saved = checkpointing.read_checkpoint_state(path)
-    return int(saved["global_step"]), int(saved.get("nonfinite_steps", 0)), rank_state["data"]
+    lora_file = os.path.join(path, pcm_lora.LORA_WEIGHT_NAME)
+    lora = checkpointing.read_tensors(lora_file)
+    checkpointing.check_tensors(lora, {f"transformer.{k}": v.shape for k, v in get_peft_model_state_dict(student).items()},
+                                lora_file)
+    heads_file = os.path.join(path, "discriminator_heads.safetensors")
+    heads = checkpointing.read_tensors(heads_file)
+    checkpointing.check_tensors(heads, {k: v.shape for k, v in discriminator.state_dict().items()}, heads_file)
+    optimizer_states = {}
+    for stem, (optimizer, params) in optimizers.items():
+        file = os.path.join(path, f"{stem}.safetensors")
+        optimizer_states[stem] = checkpointing.optimizer_state(checkpointing.read_tensors(file), params, file)
+    schedule_file = os.path.join(path, "schedule.json")
+    schedule = checkpointing.read_json(schedule_file)
+    rank_path = os.path.join(path, checkpointing.rank_file(rank))
+    rank_state = checkpointing.read_json(rank_path)
+    try:
+        lr_state = {k: schedule["lr_scheduler"][k] for k in lr_scheduler.state_dict()}
+        scaler_state = schedule["grad_scaler"] if scaler is not None else None
+        if scaler is not None and set(scaler_state) != set(scaler.state_dict()):
+            raise KeyError("grad_scaler")
+    except (KeyError, TypeError) as error:
+        raise checkpointing.CheckpointError(f"{schedule_file} is corrupt (missing or malformed {error})") from None
+    try:
+        rng = checkpointing.parse_rng_state(rank_state["rng"])
+        data = dict(rank_state["data"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise checkpointing.CheckpointError(f"{rank_path} is corrupt (malformed random or data state: {error})") from None
+
+    def apply():
+        set_peft_model_state_dict(student, {k[len("transformer."):]: paddle.to_tensor(v) for k, v in lora.items()})
+        discriminator.set_state_dict({k: paddle.to_tensor(v) for k, v in heads.items()})
+        for stem, (optimizer, _) in optimizers.items():
+            optimizer.set_state_dict(optimizer_states[stem])
+        lr_scheduler.set_state_dict(lr_state)
+        if scaler is not None:
+            scaler.load_state_dict(scaler_state)
+        checkpointing.restore_rng_state(rng)
+        return data
+
+    return apply
+
+
+def resume_training(args, resume, layout, rank, models, log):
+    """Restore the newest usable checkpoint: ``resume`` is ``find_resume``'s pick (hashes verified); if its
+    contents do not fit the models on any rank, ``latest`` falls back to the next older intact checkpoint
+    (an explicitly named one is an error). Returns ``(global_step, non-finite steps, data state)`` or None."""
+    while resume is not None:
+        path, state = resume
+        checkpointing.check_compatible(state, layout, path)
+        try:
+            apply, problem = read_checkpoint_files(path, rank, *models), None
+        except checkpointing.CheckpointError as error:
+            apply, problem = None, error
+        if not any_rank(problem is not None):
+            data = apply()
+            log(f"resumed from {path} at step {state['global_step']}")
+            return state["global_step"], int(state.get("nonfinite_steps", 0)), data
+        if args.resume_from_checkpoint != "latest":
+            raise problem or checkpointing.CheckpointError(f"{path} is corrupt on another rank (see its log)")
+        log(f"warning: skipping checkpoint: {problem or f'{path} is corrupt on another rank'}")
+        resume = checkpointing.find_resume_checkpoint(args.output_dir, "latest", warn=log, below=state["global_step"])
+    log(f"no checkpoint in {args.output_dir}: starting fresh")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,16 +642,18 @@ def total_train_steps(args, world_size: int, log) -> int:
 def main(argv=None) -> int:
     """Parse, check, train. Returns the process exit code (2: bad arguments or checkpoint)."""
     args = parse_args(argv)
+    lock = None
     try:
         geometry = validate_args(args)
-    except ArgumentError as error:
-        print(f"{os.path.basename(__file__)}: error: {error}", file=sys.stderr)
-        return 2
-    try:
+        if dist.get_rank() == 0:  # one job per --output_dir; the lock lives as long as this process
+            lock = run_control.RunLock(args.output_dir)
         return train(args, geometry).exit_code
-    except checkpointing.CheckpointError as error:
+    except (ArgumentError, checkpointing.CheckpointError, run_control.RunLockError) as error:
         print(f"{os.path.basename(__file__)}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class TrainResult:
@@ -592,6 +682,7 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
         log("warning: --enable_xformers_memory_efficient_attention: no fused attention on this device; using plain attention")
     log(f"PCM-LoRA SD3: {world_size} process(es) on {device}, precision {mixed}, data: {geometry['data']}")
     seed = args.seed if args.seed is not None else 0
+    stop = run_control.StopRequest(launched=run_control.launched_by_paddle())  # checked once per step
     os.makedirs(args.output_dir, exist_ok=True)
     check_shared_output_dir(args.output_dir)
 
@@ -628,28 +719,20 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
     # ---- data
     from data import DataTracker, build_train_dataloader
 
-    run_layout = {"world_size": world_size, "train_batch_size": args.train_batch_size,
-                  "gradient_accumulation_steps": args.gradient_accumulation_steps, "lora_rank": args.lora_rank,
-                  "resolution": args.resolution, "transformer_layers": teacher.config.num_layers,
-                  "transformer_width": teacher.inner_dim}
-    global_step, data_resume, nonfinite_total = 0, None, 0
-    resume_path = None
-    if args.resume_from_checkpoint:
-        resume_path = checkpointing.find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint, warn=log)
-        if resume_path is None:
-            log(f"no checkpoint in {args.output_dir}: starting fresh")
-        else:
-            checkpointing.check_compatible(checkpointing.read_checkpoint_state(resume_path), run_layout, resume_path)
-            global_step, nonfinite_total, data_resume = load_checkpoint_files(
-                resume_path, rank, student, discriminator, optimizer, adv_optimizer, lr_scheduler, scaler)
-            log(f"resumed from {resume_path} at step {global_step}")
+    layout = run_layout(args, world_size, {"transformer_layers": teacher.config.num_layers,
+                                           "transformer_width": teacher.inner_dim})
+    optimizers = {"optimizer": (optimizer, lora_params), "adv_optimizer": (adv_optimizer, head_params)}
+    checkpoint_contents = (student, discriminator, optimizers, lr_scheduler, scaler)
+    resumed = args.resume_from_checkpoint and resume_training(args, geometry["resume"], layout, rank, checkpoint_contents, log)
+    global_step, nonfinite_total, data_resume = resumed or (0, 0, None)
 
     loader = build_train_dataloader(
         args.data_path, args.resolution, args.train_batch_size, num_workers=args.dataloader_num_workers, seed=seed,
         center_crop=args.center_crop, random_flip=args.random_flip, min_image_size=args.min_image_size,
-        rank=rank, world_size=world_size, resume_state=data_resume, max_member_bytes=args.max_member_bytes)
+        rank=rank, world_size=world_size, resume_state=data_resume, max_member_bytes=args.max_member_bytes,
+        worker_init_fn=run_control.data_worker_init)
     tracker = DataTracker(loader.dataset)
-    batches = iter(loader)
+    batches = run_control.BatchStream(loader, args.dataloader_timeout, where=f" on rank {rank}" if world_size > 1 else "")
 
     # ---- data parallel wrappers on what trains
     student_dp, discriminator_dp = student, discriminator
@@ -659,32 +742,31 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
     step_fn = PCMStep(args, solver, encode, uncond, vae, teacher, student_dp, discriminator_dp, weight_dtype,
                       amp=weight_dtype != "float32", timer=timer)
 
-    saved_at = {"step": global_step if resume_path else None}
+    saved_at = {"step": global_step if resumed else None}
 
     def save(step: int) -> str:
         saved_at["step"] = step
 
         def write_shared(folder):
-            return write_checkpoint_files(folder, args, student, discriminator, optimizer, adv_optimizer,
-                                          lr_scheduler, scaler)
+            return write_checkpoint_files(folder, args, student, discriminator, optimizers, lr_scheduler, scaler)
 
         return checkpointing.save_checkpoint(  # collective: every rank writes its part
             args.output_dir, step, rank, world_size, barrier, write_shared,
             {"rng": checkpointing.capture_rng_state(), "data": tracker.state_dict()},
-            {**run_layout, "nonfinite_steps": nonfinite_total}, args.checkpoints_total_limit, log)
+            {**layout, "nonfinite_steps": nonfinite_total}, args.checkpoints_total_limit, log)
 
-    stop_requested = {"signal": None}
-
-    def request_stop(signum, _frame):
-        stop_requested["signal"] = signum
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
 
     # ---- loop
     from tqdm.auto import tqdm
 
     trackers = None
+
+    def finish(exit_code: int) -> TrainResult:
+        batches.close()  # the DataLoader's thread and workers end here, not in interpreter teardown
+        if trackers is not None:
+            trackers.close()
+        return TrainResult(exit_code, global_step, student, discriminator, tracker)
+
     if rank == 0:
         trackers = Trackers(args.report_to, os.path.join(args.output_dir, args.logging_dir),
                             args.tracker_project_name, recordable_args(args))
@@ -726,7 +808,7 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
         logs = {key: float(v) for key, v in zip(totals, values) if key != "loss"}
         finite = bool(np.isfinite(values).all())
         # one collective per step: every rank skips a non-finite update together, and stops together on a signal
-        skip_update, stop_now = any_rank(not finite, stop_requested["signal"] is not None)
+        skip_update, stop_now = any_rank(not finite, stop.requested)
         if skip_update:
             consecutive_nonfinite += 1
             nonfinite_total += 1
@@ -762,15 +844,13 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
             path = save(global_step)
             print(f"error: {consecutive_nonfinite} non-finite losses in a row at step {global_step}; stopped after saving "
                   f"{path}. Lower --learning_rate/--adv_lr or use --mixed_precision bf16/no.", file=sys.stderr)
-            if trackers is not None:
-                trackers.close()
-            return TrainResult(3, global_step, student, discriminator, tracker)
+            return finish(3)
         if stop_now:
             path = save(global_step)
-            log(f"stop requested (signal): saved {path}; resume with --resume_from_checkpoint latest")
-            if trackers is not None:
-                trackers.close()
-            return TrainResult(0, global_step, student, discriminator, tracker)
+            if rank == 0:
+                run_control.console(f"stop requested ({stop.describe() if stop.requested else 'signal on another rank'}): "
+                                    f"saved {path}; resume with --resume_from_checkpoint latest")
+            return finish(0)
         if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
             save(global_step)
         if global_step % args.validation_steps == 0 and global_step < max_steps:
@@ -784,19 +864,17 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
     check_ranks_in_sync(lora_params, "LoRA weights")
     check_ranks_in_sync(head_params, "discriminator heads")
     barrier()
-    if rank == 0:
+    if rank == 0:  # the arguments first: a LoRA on disk always has the training_args.json that gives its scale
+        checkpointing.write_json(os.path.join(args.output_dir, "training_args.json"), recordable_args(args))
         path = pcm_lora.save_lora(student, args.output_dir)
-        with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as f:
-            json.dump(recordable_args(args), f, indent=2)
         log(f"saved LoRA to {path}; load it with pipe.load_lora_weights(...) and "
             f"joint_attention_kwargs={{'scale': {pcm_lora.inference_lora_scale(args.lora_rank)}}}")
         if skipped:
             log(f"skipped samples (all ranks): {skipped}")
         if args.text_embedding_cache_size:
             log(f"text embedding cache on rank 0: {encode.hits} hits, {encode.misses} misses")
-        trackers.close()
     barrier()
-    return TrainResult(0, global_step, student, discriminator, tracker)
+    return finish(0)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import paddle
 
@@ -49,9 +49,11 @@ def build_dataset(
     )
 
 
-def _dataloader(dataset: ImageCaptionDataset, num_workers: int) -> paddle.io.DataLoader:
-    """The dataset batches itself (see ``ImageCaptionDataset``), hence ``batch_size=None``."""
-    return paddle.io.DataLoader(dataset, batch_size=None, num_workers=num_workers)
+def _dataloader(dataset: ImageCaptionDataset, num_workers: int, worker_init_fn: Callable | None = None) -> paddle.io.DataLoader:
+    """The dataset batches itself (see ``ImageCaptionDataset``), hence ``batch_size=None``. (Paddle's own
+    ``timeout`` only sets how often a waiting reader checks for dead workers; the trainer bounds the wait
+    for a batch itself, see ``run_control.BatchStream``.)"""
+    return paddle.io.DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=worker_init_fn)
 
 
 def build_train_dataloader(
@@ -68,6 +70,7 @@ def build_train_dataloader(
     shuffle_buffer: int = 1000,
     resume_state: Mapping | None = None,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    worker_init_fn: Callable | None = None,
 ) -> paddle.io.DataLoader:
     """The trainer's infinite, shuffled, rank- and worker-sharded DataLoader.
 
@@ -76,7 +79,8 @@ def build_train_dataloader(
     "reader": int64 Tensor [1], "worker_state": dict}`` forever (see
     ``data.dataset.ImageCaptionDataset``; feed each batch to a
     ``data.tracker.DataTracker`` for skip counts and the resume state).
-    ``rank``/``world_size`` default to ``paddle.distributed``.
+    ``rank``/``world_size`` default to ``paddle.distributed``; ``worker_init_fn(worker_id)`` runs first in
+    each worker process (the trainer's makes workers ignore stop signals and die with their rank).
 
     Raises:
         data.sources.DataPathError: ``data_path`` holds nothing usable.
@@ -97,7 +101,7 @@ def build_train_dataloader(
         resume_state=resume_state,
         max_member_bytes=max_member_bytes,
     )
-    return _dataloader(dataset, num_workers)
+    return _dataloader(dataset, num_workers, worker_init_fn)
 
 
 def build_one_pass_dataloader(
