@@ -32,6 +32,7 @@ import paddle  # noqa: E402
 import paddle.distributed as dist  # noqa: E402
 
 import checkpointing  # noqa: E402
+import frozen_linear  # noqa: E402
 import pcm_lora  # noqa: E402
 from tracking import Trackers, quiet_library_logging, resolve_trackers  # noqa: E402
 from validation import SEED_PROMPT, generate_validation_images  # noqa: E402
@@ -373,6 +374,7 @@ def load_models(args, weight_dtype: str, log):
         for param in model.parameters():
             param.stop_gradient = True
         model.eval()
+    frozen_linear.install()  # frozen Linear layers keep only their weight for backward (same results, less memory)
     for encoder in text_encoders:
         encoder.to(dtype=weight_dtype)
     vae.to(dtype="float32")
