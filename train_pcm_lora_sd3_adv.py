@@ -32,6 +32,7 @@ import paddle.distributed as dist  # noqa: E402
 
 import checkpointing  # noqa: E402
 from data import DEFAULT_MAX_MEMBER_BYTES  # noqa: E402
+import frozen_linear  # noqa: E402
 import pcm_lora  # noqa: E402
 import run_control  # noqa: E402
 from tracking import Trackers, quiet_library_logging, recordable_args, resolve_trackers  # noqa: E402
@@ -411,6 +412,7 @@ def load_models(args, weight_dtype: str, log):
         for param in model.parameters():
             param.stop_gradient = True
         model.eval()
+    frozen_linear.install()  # frozen Linear layers keep only their weight for backward (same results, less memory)
     for encoder in text_encoders:
         encoder.to(dtype=weight_dtype)
     vae.to(dtype="float32")

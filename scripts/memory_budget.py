@@ -244,8 +244,9 @@ class Trace:
     ``dropout_train``: Paddle modules in train mode run Dropout(p=0) and keep a uint8 mask."""
 
     def __init__(self, engine: str, amp: bool, lp_bytes: int = 2, attention: str = "auto", dropout_train=False,
-                 peft_cast: str = None):
+                 peft_cast: str = None, frozen_linear: bool = True):
         self.engine, self.amp, self.lp_bytes, self.attention_kind = engine, amp, lp_bytes, attention
+        self.frozen_linear = frozen_linear  # frozen_linear.install(): frozen nn.Linear keeps only its weight
         # dtype a LoRA layer returns: the base layer result's (PyTorch peft, and ppdiffusers.peft with
         # paddle_compat's shim 6); "input" = ppdiffusers.peft without the shim
         self.peft_cast = peft_cast or "result"
@@ -313,6 +314,14 @@ class Trace:
         recorded = x.grad or w.grad
         self._keep_inputs([x, w], recorded)
         return self.new(n_out, x.dt, recorded)
+
+    def linear(self, x, w, n_out):
+        """``nn.Linear``: a matmul, except that this port's ``frozen_linear`` (Paddle) keeps nothing when the
+        weight is frozen (its backward needs only the weight, a parameter); PyTorch's rule already does."""
+        if self.engine == "paddle" and self.frozen_linear and not w.grad:
+            (x,) = self._white(x)
+            return self.new(n_out, x.dt, x.grad)
+        return self.matmul(x, w, n_out)
 
     def mul(self, a, b):
         a, b = self._gray(a, b)
@@ -388,13 +397,15 @@ class Trace:
         return self.new(out.n, out.dt, out.grad)           # transpose + reshape -> contiguous copy
 
 
-def _peft_linear(tr, x, fan_in, fan_out, weight_dt, lora, rank):
-    """``nn.Linear`` (lora None) or the PEFT LoRA wrapper around it (lora 'active' / 'disabled').
+def _peft_linear(tr, x, fan_in, fan_out, weight_dt, lora, rank, conv=False):
+    """``nn.Linear`` (lora None) or the PEFT LoRA wrapper around it (lora 'active' / 'disabled');
+    ``conv``: the base layer is a (patchifying) ``Conv2D``, which keeps its input as a matmul does.
 
     ppdiffusers.peft casts the result back to the *input's* dtype; PyTorch's peft to the base layer's
     result dtype. That difference decides whether our student's attention sees fp32 queries."""
     rows = x.n // fan_in
-    result = tr.matmul(x, tr.param(fan_in * fan_out, weight_dt), rows * fan_out)
+    base = tr.matmul if conv else tr.linear
+    result = base(x, tr.param(fan_in * fan_out, weight_dt), rows * fan_out)
     if lora is None:
         return result
     target_dt = x.dt if tr.peft_cast == "input" else result.dt
@@ -454,14 +465,14 @@ def trace_transformer(tr, config, *, batch, resolution, role, rank=0, input_dt="
     n_img, n_txt = grid * grid, TEXT_TOKENS
     c_in = int(config["in_channels"])
 
-    def linear(x, fan_in, fan_out, target=True):
-        return _peft_linear(tr, x, fan_in, fan_out, weight_dt, lora if target else None, rank)
+    def linear(x, fan_in, fan_out, target=True, conv=False):
+        return _peft_linear(tr, x, fan_in, fan_out, weight_dt, lora if target else None, rank, conv=conv)
 
     start = tr.saved_bytes()
     # inputs exist before the forward (external storages, sid None); they are tiny next to the activations
     latent = Tensor(batch * c_in * (grid * p) ** 2, input_dt, input_grad, None)
     # pos_embed: proj (Conv2d patchify; LoRA-wrapped in the student) + positional table, cast to proj dtype
-    proj = linear(latent, c_in * p * p, d)
+    proj = linear(latent, c_in * p * p, d, conv=True)
     h = tr.cast(tr.add(proj, tr.param(n_img * d, weight_dt)), proj.dt)  # (latent + pos_embed).cast(latent.dtype)
     # time_text_embed: time_proj (f32) cast to the pooled dtype, two MLPs; context_embedder
     t = linear(tr.activation(linear(tr.cast(tr.new(batch * 256, "f32"), embeds_dt), 256, d)), d, d)

@@ -77,15 +77,18 @@ def test_lora_count_equals_what_add_pcm_lora_creates(tiny_sd3, rank):
     assert sorted(name for name, _, _ in mb.lora_targets(config)) == pcm_lora.lora_module_names(student)
 
 
-def test_tracer_reproduces_what_paddle_keeps_for_backward(tiny_sd3):
+def test_tracer_reproduces_what_paddle_keeps_for_backward(tiny_sd3, monkeypatch):
     """fp32 on CPU (plain attention): bytes kept by the student forward (LoRA, with and without
-    gradient checkpointing), the discriminator's g_loss and d_loss, as Paddle's host allocator counts them."""
+    gradient checkpointing), the discriminator's g_loss and d_loss, as Paddle's host allocator counts them
+    (with frozen_linear installed, as the trainer runs)."""
     from paddle.base import core
 
+    import frozen_linear
     from discriminator import Discriminator
 
     if not paddle.get_device().startswith("cpu"):
         pytest.skip("the measurement reads Paddle's host (CPU) allocator statistics")
+    monkeypatch.setattr(paddle.nn.Linear, "forward", frozen_linear.linear_forward)
 
     def kept(fn):
         gc.collect()

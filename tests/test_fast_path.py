@@ -1,0 +1,115 @@
+"""The fast path: paddle_compat's CPU settings and frozen_linear, each with the same results as without."""
+import json
+import os
+
+import numpy as np
+import paddle
+import pytest
+from conftest import run_python
+from safetensors.numpy import load_file
+
+import frozen_linear
+import paddle_compat
+import train_pcm_lora_sd3_adv as trainer
+
+
+def test_cpu_settings_follow_the_vendor_and_never_override_the_user():
+    env = {}
+    assert paddle_compat.set_cpu_environment(env, vendor="AuthenticAMD") == {"MKL_DEBUG_CPU_TYPE": "5"}
+    assert paddle_compat.set_cpu_environment({}, vendor="GenuineIntel") == {}
+    user = {"MKL_DEBUG_CPU_TYPE": "2"}
+    assert paddle_compat.set_cpu_environment(user, vendor="AuthenticAMD") == {} and user["MKL_DEBUG_CPU_TYPE"] == "2"
+    assert paddle_compat.cpu_vendor("/nonexistent/cpuinfo") == ""
+
+
+def test_cpu_settings_reach_paddle_and_child_processes():
+    """This process imported paddle_compat: Paddle runs with the settings and a process it starts (DataLoader
+    worker, launched rank) inherits them. A value the user set before is left alone (then nothing is set)."""
+    if paddle.device.get_all_device_type():
+        pytest.skip("the stride flag is set on CPU-only Paddle builds only")
+    settings = paddle_compat.CPU_SETTINGS
+    expected_mkl = "5" if paddle_compat.cpu_vendor() == "AuthenticAMD" else None
+    assert settings.get("MKL_DEBUG_CPU_TYPE", expected_mkl) == expected_mkl
+    stride = paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"]
+    assert stride is settings.get("FLAGS_use_stride_kernel", stride)
+    assert os.environ["FLAGS_use_stride_kernel"] == str(int(stride))
+    child = "import os, json; print(json.dumps({k: os.environ.get(k) for k in ('MKL_DEBUG_CPU_TYPE', 'FLAGS_use_stride_kernel')}))"
+    result = run_python(["-c", child])
+    assert json.loads(result.stdout) == {k: os.environ.get(k) for k in ("MKL_DEBUG_CPU_TYPE", "FLAGS_use_stride_kernel")}
+
+    user = {"FLAGS_use_stride_kernel": "1"}
+    assert paddle_compat.set_cpu_flags(paddle, user) == {} and user == {"FLAGS_use_stride_kernel": "1"}
+
+
+def _kept_and_grad(run):
+    """Bytes Paddle's host allocator holds after ``run()`` builds its graph, and the gradient ``run`` yields."""
+    from paddle.base import core
+
+    before = core.host_memory_stat_current_value("Allocated", 0)
+    loss, leaf = run()
+    kept = core.host_memory_stat_current_value("Allocated", 0) - before
+    loss.backward()
+    return kept, float(loss), leaf.grad.numpy()
+
+
+def test_frozen_linear_same_gradient_less_memory(tiny_sd3, monkeypatch):
+    """The discriminator's g_loss through the frozen teacher: bit-identical loss and input gradient, and the
+    frozen Linear layers' inputs are no longer kept (as scripts/memory_budget.py's tracer counts)."""
+    from conftest import load_frozen_transformer
+
+    import memory_budget as mb
+    from discriminator import Discriminator
+
+    disc = Discriminator(load_frozen_transformer(tiny_sd3))
+    config = disc.backbone.config
+    paddle.seed(3)
+    sample = paddle.randn([2, 16, 16, 16])
+    t = paddle.full([2], 400.0)
+    embeds, pooled = paddle.randn([2, 154, config.joint_attention_dim]), paddle.randn([2, config.pooled_projection_dim])
+
+    def run():
+        fake = sample.clone()
+        fake.stop_gradient = False
+        return disc("g_loss", fake, t, embeds, pooled), fake
+
+    results = {}
+    for installed in (False, True):
+        monkeypatch.setattr(paddle.nn.Linear, "forward", frozen_linear.linear_forward if installed
+                            else frozen_linear._UPSTREAM_FORWARD)
+        results[installed] = _kept_and_grad(run)
+        tr = mb.Trace("paddle", amp=False, attention="math", frozen_linear=installed)
+        out = mb.trace_transformer(tr, dict(config), batch=2, resolution=128, role="backbone", input_dt="f32",
+                                   input_grad=True, embeds_dt="f32", weight_dt="f32")
+        mb.trace_heads(tr, out["features"], config.num_attention_heads * config.attention_head_dim)
+        assert tr.saved_bytes() == pytest.approx(results[installed][0], rel=0.02)
+    assert results[True][1] == results[False][1]
+    np.testing.assert_array_equal(results[True][2], results[False][2])
+    assert results[True][0] < 0.95 * results[False][0]  # the heads' share is large on the tiny model
+
+
+def test_training_is_bit_identical_with_and_without_frozen_linear(tiny_sd3, tmp_path, monkeypatch):
+    """Two D and two G steps in fp32 (seed-command loss and solver flags): same logged losses, same LoRA."""
+    from make_tiny_cc3m import make_tiny_cc3m
+
+    data = str(tmp_path / "data")
+    make_tiny_cc3m(data, num_shards=1, samples_per_shard=8, min_size=64, max_size=96, seed=2)
+    runs = []
+    for installed in (False, True):
+        out = tmp_path / f"frozen-{installed}"
+        argv = ["--pretrained_teacher_model", tiny_sd3, "--data_path", data, "--output_dir", str(out),
+                "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "4", "--seed", "7",
+                "--report_to", "none", "--num_validation_images", "0", "--learning_rate", "1e-3",
+                "--loss_type", "huber", "--num_euler_timesteps", "100", "--multiphase", "4"]
+        with monkeypatch.context() as patch:
+            patch.setattr(paddle.nn.Linear, "forward", frozen_linear._UPSTREAM_FORWARD)
+            if not installed:
+                patch.setattr(frozen_linear, "install", lambda: False)
+            assert trainer.main(argv) == 0
+            assert (paddle.nn.Linear.forward is frozen_linear.linear_forward) == installed
+        rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+        losses = [{k: v for k, v in row.items() if k.endswith("loss")} for row in rows]
+        runs.append((losses, load_file(str(out / "paddle_lora_weights.safetensors"))))
+    assert runs[0][0] == runs[1][0] and all("d_loss" in r or "g_loss" in r for r in runs[0][0])
+    for key, value in runs[0][1].items():
+        np.testing.assert_array_equal(value, runs[1][1][key], err_msg=key)
+    assert any(np.abs(v).max() > 0 for k, v in runs[1][1].items() if "lora_B" in k)  # it did train
