@@ -60,7 +60,7 @@ class ArgumentError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
-class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each flag's default, unless it is unset (None/False) or the help text already says it."""
 
     def _get_help_string(self, action):
@@ -71,7 +71,7 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="PCM LoRA distillation of SD3 with an adversarial loss (PaddlePaddle).",
-                                formatter_class=_HelpWithDefaults)
+                                formatter_class=HelpWithDefaults)
     add = p.add_argument
     # Model and data
     add("--pretrained_teacher_model", required=True, help="SD3 diffusers-layout folder or hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers)")
