@@ -63,8 +63,18 @@ class ArgumentError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default, unless it is unset (None/False) or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="PCM LoRA distillation of SD3 with an adversarial loss (PaddlePaddle).")
+    p = argparse.ArgumentParser(description="PCM LoRA distillation of SD3 with an adversarial loss (PaddlePaddle).",
+                                formatter_class=HelpWithDefaults)
     add = p.add_argument
     # Model and data
     add("--pretrained_teacher_model", required=True, help="SD3 diffusers-layout folder or hub id (e.g. stabilityai/stable-diffusion-3-medium-diffusers)")
@@ -93,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--huber_c", type=float, default=0.001, help="Huber constant c")
     add("--adv_weight", type=float, default=0.1, help="weight of the generator's adversarial loss")
     add("--adv_lr", type=float, default=1e-5, help="discriminator heads' learning rate")
-    add("--lora_rank", type=int, default=4, help="LoRA rank (alpha stays at PEFT's default 8)")
+    add("--lora_rank", type=int, default=4, help="LoRA rank; lora_alpha stays 8 (PEFT's), so inference uses scale 8/rank")
     # Optimisation
     add("--train_batch_size", type=int, default=4, help="batch size per device")
-    add("--num_train_epochs", type=int, default=1)
+    add("--num_train_epochs", type=int, default=1, help="passes over the data (when --max_train_steps is not set)")
     add("--max_train_steps", type=int, default=None, help="total optimizer steps (D and G steps alternate); overrides epochs")
     add("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     add("--gradient_checkpointing", action="store_true", help="recompute transformer activations in backward")
@@ -110,23 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the student's frozen base (LoRA off) as teacher and discriminator backbone instead of a second, "
              "fp32 copy of the transformer: saves that copy's memory; with fp16/bf16 the teacher then runs on "
              "low-precision weights (see README)")
-    add("--learning_rate", type=float, default=1e-4)
-    add("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
-    add("--lr_warmup_steps", type=int, default=500)
-    add("--lr_num_cycles", type=int, default=1)
-    add("--lr_power", type=float, default=1.0)
+    add("--learning_rate", type=float, default=1e-4, help="LoRA learning rate")
+    add("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="LoRA LR schedule, stepped on G steps")
+    add("--lr_warmup_steps", type=int, default=500, help="warm-up length in G steps")
+    add("--lr_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
+    add("--lr_power", type=float, default=1.0, help="power of the polynomial schedule")
     add("--optimizer", default="AdamW", help="AdamW (prodigy is not available in Paddle: warned, AdamW used)")
-    add("--adam_beta1", type=float, default=0.9)
-    add("--adam_beta2", type=float, default=0.999)
-    add("--adam_weight_decay", type=float, default=1e-4)
-    add("--adam_epsilon", type=float, default=1e-8)
-    add("--max_grad_norm", type=float, default=1.0)
+    add("--adam_beta1", type=float, default=0.9, help="LoRA AdamW beta1 (the heads use 0)")
+    add("--adam_beta2", type=float, default=0.999, help="LoRA AdamW beta2")
+    add("--adam_weight_decay", type=float, default=1e-4, help="AdamW weight decay (LoRA and heads)")
+    add("--adam_epsilon", type=float, default=1e-8, help="LoRA AdamW epsilon")
+    add("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (LoRA and heads)")
     add("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="fp16/bf16 need a GPU; default no")
     add("--enable_xformers_memory_efficient_attention", action="store_true",
         help="use Paddle's fused memory-efficient attention where the device has it (GPU, fp16/bf16)")
     # Checkpoints, validation, logging
-    add("--checkpointing_steps", type=int, default=500)
-    add("--checkpoints_total_limit", type=int, default=None)
+    add("--checkpointing_steps", type=int, default=500, help="save a checkpoint every N global steps and at the end")
+    add("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints (default: all)")
     add("--resume_from_checkpoint", default=None, help="a checkpoint-N folder or 'latest'")
     add("--validation_prompt", action="append", default=None, help="repeatable; default: the seed's portrait prompt")
     add("--num_validation_images", type=int, default=4, help="images per validation prompt (0: no validation)")
@@ -136,24 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--validation_pcm_timesteps", type=int, default=None, help="validation PCM grid (default: --num_euler_timesteps)")
     add("--report_to", default="tensorboard",
         help="wandb, visualdl, tensorboard (= VisualDL, Paddle's equivalent), all or none; metrics.jsonl is always written")
-    add("--tracker_project_name", default="text2image-fine-tune")
-    add("--logging_dir", default="logs")
+    add("--tracker_project_name", default="text2image-fine-tune", help="wandb project name")
+    add("--logging_dir", default="logs", help="log folder inside --output_dir")
     add("--local_rank", type=int, default=-1, help="set by launchers; ignored (Paddle reads its environment)")
-    # Reference flags without a Paddle meaning (accepted with a warning)
-    add("--use_8bit_adam", action="store_true", help=argparse.SUPPRESS)
-    add("--allow_tf32", action="store_true", help=argparse.SUPPRESS)
-    add("--push_to_hub", action="store_true", help=argparse.SUPPRESS)
-    add("--hub_token", default=None, help=argparse.SUPPRESS)
-    add("--hub_model_id", default=None, help=argparse.SUPPRESS)
-    add("--scale_lr", action="store_true", help=argparse.SUPPRESS)
-    add("--prior_generation_precision", default=None, help=argparse.SUPPRESS)
-    add("--text_encoder_lr", type=float, default=None, help=argparse.SUPPRESS)
-    add("--weighting_scheme", default=None, help=argparse.SUPPRESS)
+    ignored = p.add_argument_group("accepted for compatibility with the reference, ignored",
+                                   "setting one of the first nine prints a one-line warning; the rest are options of "
+                                   "features PCM does not use (SD3 loss weighting, prodigy, DreamBooth)")
+    for name, flag_type in [("use_8bit_adam", bool), ("allow_tf32", bool), ("push_to_hub", bool), ("hub_token", str),
+                            ("hub_model_id", str), ("scale_lr", bool), ("prior_generation_precision", str),
+                            ("text_encoder_lr", float), ("weighting_scheme", str)]:
+        kind = {"action": "store_true"} if flag_type is bool else {"type": flag_type, "default": None}
+        ignored.add_argument(f"--{name}", help=IGNORED_REFERENCE_FLAGS[name], **kind)
     for name in ("logit_mean", "logit_std", "mode_scale", "prodigy_beta3", "adam_weight_decay_text_encoder"):
-        add(f"--{name}", type=float, default=None, help=argparse.SUPPRESS)
+        ignored.add_argument(f"--{name}", type=float, default=None)
     for name in ("prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
-        add(f"--{name}", default=None, help=argparse.SUPPRESS)
-    add("--sample_batch_size", type=int, default=None, help=argparse.SUPPRESS)
+        ignored.add_argument(f"--{name}", default=None)
+    ignored.add_argument("--sample_batch_size", type=int, default=None)
     return p
 
 

@@ -40,17 +40,31 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+# Set by the benchmark itself (a later copy among the passed-through flags would override it).
+FIXED_TRAINER_FLAGS = ["--output_dir", "--max_train_steps", "--checkpointing_steps", "--num_validation_images", "--report_to"]
+
+
+def passed_through_flags(own: set) -> list:
+    """The trainer's flags that are not the benchmark's own or set by it, in the trainer's --help order."""
+    skip = own | set(FIXED_TRAINER_FLAGS) | {"--help"}
+    flags = [s for action in trainer.build_parser()._actions for s in action.option_strings if s.startswith("--")]
+    return [flag for flag in flags if flag not in skip]
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=trainer.HelpWithDefaults)
     p.add_argument("--pretrained_teacher_model", default=None, help="default: a tiny teacher built by make_tiny_sd3")
     p.add_argument("--data_path", default=None, help="default: tiny shards built by make_tiny_cc3m")
-    p.add_argument("--resolution", type=int, default=128)
-    p.add_argument("--train_batch_size", type=int, default=2)
-    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--lora_rank", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=128, help="training resolution")
+    p.add_argument("--train_batch_size", type=int, default=2, help="batch size per device")
+    p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="fp16/bf16 need a GPU")
+    p.add_argument("--lora_rank", type=int, default=32, help="LoRA rank")
     p.add_argument("--warmup_steps", type=int, default=2, help="K: steps not measured (an even number keeps D/G balanced)")
     p.add_argument("--steps", type=int, default=10, help="N: measured steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="trainer seed")
+    own = {flag for action in p._actions for flag in action.option_strings}
+    p.epilog = ("Every other trainer flag is passed through to train_pcm_lora_sd3_adv.py (see its --help): "
+                + " ".join(passed_through_flags(own)))
     args, passthrough = p.parse_known_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:

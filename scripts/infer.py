@@ -20,12 +20,10 @@ import paddle  # noqa: E402
 
 from pcm_fm_deterministic_scheduler import PCMFMDeterministicScheduler  # noqa: E402
 from pcm_fm_stochastic_scheduler import PCMFMStochasticScheduler  # noqa: E402
-import pcm_lora  # noqa: E402
 from safe_pdparams import UnsafeFileError, is_safetensors, load_pdparams  # noqa: E402
 from tracking import quiet_library_logging  # noqa: E402
 from validation import SEED_PROMPT  # noqa: E402
-from convert_lora import lora_scale_of_run  # noqa: E402  (scripts/ is this script's own folder)
-
+from convert_lora import lora_file_scale  # noqa: E402  (scripts/ is this script's own folder)
 
 
 def main(argv=None) -> None:
@@ -38,7 +36,9 @@ def main(argv=None) -> None:
     p.add_argument("--shift", type=float, default=None, help="default: the teacher scheduler's shift")
     p.add_argument("--pcm_timesteps", type=int, default=50, help="PCM grid size the LoRA was trained with (--num_euler_timesteps)")
     p.add_argument("--scheduler", choices=["deterministic", "stochastic"], default="deterministic")
-    p.add_argument("--lora_scale", type=float, default=None, help="default: lora_alpha / rank of the run (0.25 for rank 32)")
+    p.add_argument("--lora_scale", type=float, default=None,
+                   help="default: the scale recorded in the file by convert_lora.py, else 8 / the weights' rank "
+                        "(the trainer's alpha/rank: 0.25 for rank 32); a diffusers file: its lora_alpha/r, else 1.0")
     p.add_argument("--guidance_scale", type=float, default=1.2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--height", type=int, default=None)
@@ -49,6 +49,9 @@ def main(argv=None) -> None:
     if args.lora and os.path.isfile(args.lora) and not is_safetensors(args.lora):
         load_pdparams(args.lora)  # a crafted pickle is refused before the pipeline loads (load_lora_weights reads it so too)
 
+    lora_scale = None
+    if args.lora:
+        lora_scale = args.lora_scale if args.lora_scale is not None else lora_file_scale(args.lora)
     from ppdiffusers import StableDiffusion3Pipeline
 
     quiet_library_logging()
@@ -64,8 +67,7 @@ def main(argv=None) -> None:
     kwargs = {}
     if args.lora:
         pipe.load_lora_weights(args.lora)
-        scale = args.lora_scale if args.lora_scale is not None else lora_scale_of_run(args.lora)
-        kwargs["joint_attention_kwargs"] = {"scale": scale if scale is not None else pcm_lora.inference_lora_scale(32)}
+        kwargs["joint_attention_kwargs"] = {"scale": lora_scale}
     prompts = args.prompt or [SEED_PROMPT]
     written = []
     for i, prompt in enumerate(prompts):
@@ -79,7 +81,7 @@ def main(argv=None) -> None:
         image.save(path)
         written.append(path)
     print(json.dumps({"images": written, "steps": args.num_inference_steps, "shift": shift,
-                      "lora": args.lora, "lora_scale": kwargs.get("joint_attention_kwargs", {}).get("scale")}))
+                      "lora": args.lora, "lora_scale": lora_scale}))
 
 
 if __name__ == "__main__":

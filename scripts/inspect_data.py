@@ -17,8 +17,12 @@ import json
 import os
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# data/ imports paddle, whose wheel warns at import on machines without ccache (not actionable; paddle_compat
+# silences it too, but this script needs no ppdiffusers and so does not import it).
+warnings.filterwarnings("ignore", message="No ccache found")
 
 from data import DEFAULT_MAX_MEMBER_BYTES, DataPathError, DataTracker, build_one_pass_dataloader  # noqa: E402
 

@@ -1,6 +1,7 @@
 """scripts/benchmark.py runs the real trainer and prints its JSON line (no timing assertions)."""
 import json
 
+import pytest
 from conftest import run_python
 
 
@@ -16,3 +17,14 @@ def test_benchmark_prints_phase_table_and_json(tiny_sd3):
                                        "target_forward", "discriminator", "backward", "optimizer"}
     assert report["config"]["resolution"] == 64 and report["config"]["steps"] == 4
     assert any(line.startswith("student_forward") for line in lines)
+
+
+def test_help_lists_the_trainer_flags_it_passes_through(capsys):
+    import benchmark  # scripts/ (conftest puts it on the path)
+
+    with pytest.raises(SystemExit):
+        benchmark.main(["--help"])
+    epilog = " ".join(capsys.readouterr().out.split("passed through")[1].split())
+    for flag in ("--gradient_checkpointing", "--share_teacher_weights", "--multiphase", "--num_euler_timesteps"):
+        assert f" {flag} " in f" {epilog} "
+    assert "--output_dir" not in epilog and " --resolution " not in f" {epilog} "  # set by the benchmark itself

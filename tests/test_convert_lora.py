@@ -1,5 +1,6 @@
 """scripts/convert_lora.py: our Paddle LoRA <-> diffusers (PyTorch) SD3 LoRA, numpy only."""
 import json
+import shutil
 
 import numpy as np
 import paddle
@@ -21,6 +22,15 @@ def our_lora(tiny_sd3, tmp_path_factory):
     path = pcm_lora.save_lora(transformer, str(folder), pdparams_copy=False)
     (folder / "training_args.json").write_text(json.dumps({"lora_rank": 32}))
     return path
+
+
+@pytest.fixture(scope="module")
+def rank16_lora(tiny_sd3, tmp_path_factory):
+    """A rank-16 LoRA copied out of its run folder: no training_args.json beside it."""
+    from ppdiffusers import SD3Transformer2DModel
+
+    transformer = add_random_lora(SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer"), 16, seed=12)
+    return pcm_lora.save_lora(transformer, str(tmp_path_factory.mktemp("copied")), pdparams_copy=False)
 
 
 def convert(*args):
@@ -70,22 +80,71 @@ def _transformer_output(tiny_sd3, lora_file, scale):
         return pipe.transformer(**inputs, joint_attention_kwargs={"scale": scale}).sample.numpy()
 
 
-def _official_pytorch_form(ours: dict) -> dict:
-    """What the PyTorch reference saves for the same LoRA: PyTorch layout, no scale folded in."""
+def _pytorch_form(ours: dict) -> dict:
+    """The same LoRA as the PyTorch reference's trainer saves it: PyTorch layout, no scale folded in."""
     return {k: (v.T.copy() if v.ndim == 2 else v) for k, v in ours.items()}
 
 
-def test_official_and_halved_pytorch_loras_load_in_the_seed_snippet(our_lora, tiny_sd3, tmp_path):
+def test_reference_and_published_pytorch_loras_get_the_scale_that_reproduces_them(our_lora, tiny_sd3, tmp_path):
+    """The reference trainer's own output needs alpha/rank = 0.25 (diffusers assumes alpha = rank); the published
+    files are its convert.py output (halved, fp16) and are used at diffusers' default 1.0 (its sd3_test.py)."""
     ours = load_file(our_lora)
-    save_file(_official_pytorch_form(ours), str(tmp_path / "official.safetensors"), metadata={"format": "pt"})
-    halved = {k: (v / 2).astype(np.float16) for k, v in _official_pytorch_form(ours).items()}  # reference convert.py
-    save_file(halved, str(tmp_path / "half_official.safetensors"), metadata={"format": "pt"})
-    convert("--to", "paddle", str(tmp_path / "official.safetensors"), str(tmp_path / "official_pd.safetensors"))
-    convert("--to", "paddle", "--halved", str(tmp_path / "half_official.safetensors"), str(tmp_path / "half_pd.safetensors"))
+    save_file(_pytorch_form(ours), str(tmp_path / "raw.safetensors"), metadata={"format": "pt"})
+    published = {k: (v / 2).astype(np.float16) for k, v in _pytorch_form(ours).items()}  # reference convert.py
+    save_file(published, str(tmp_path / "published.safetensors"), metadata={"format": "pt"})
+    cases = {"raw": ("raw", ["--lora_scale", "0.25"], 0.25), "published": ("published", [], 1.0),
+             "published_halved": ("published", ["--halved"], 0.25)}
     want = _transformer_output(tiny_sd3, our_lora, 0.25)
-    assert np.abs(_transformer_output(tiny_sd3, str(tmp_path / "official_pd.safetensors"), 0.25) - want).max() <= 1e-5
-    # fp16 rounding of the halved file only
-    assert np.abs(_transformer_output(tiny_sd3, str(tmp_path / "half_pd.safetensors"), 0.25) - want).max() <= 1e-3
+    for name, (source, flags, scale) in cases.items():
+        out = str(tmp_path / f"{name}_pd.safetensors")
+        report = convert("--to", "paddle", *flags, str(tmp_path / f"{source}.safetensors"), out)
+        assert report["lora_scale"] == scale and report["rank"] == [32], name
+        with safe_open(out, framework="np") as f:
+            assert float(f.metadata()["pcm_lora_scale"]) == scale  # what infer.py uses
+        tol = 1e-5 if name == "raw" else 1e-3  # fp16 rounding of the published form
+        assert np.abs(_transformer_output(tiny_sd3, out, scale) - want).max() <= tol, name
+
+
+def test_rank_comes_from_the_weights_outside_the_run_folder(rank16_lora, tmp_path):
+    report = convert("--to", "diffusers", rank16_lora, str(tmp_path / "pt.safetensors"))
+    assert report["folded_scale"] == 0.5 and report["rank"] == [16]  # alpha 8 / rank 16 (no training_args.json)
+
+
+def test_metadata_that_contradicts_the_weights_is_one_line(rank16_lora, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(rank16_lora, folder / "paddle_lora_weights.safetensors")
+    (folder / "training_args.json").write_text(json.dumps({"lora_rank": 32}))
+    result = run_python(["scripts/convert_lora.py", "--to", "diffusers", str(folder), str(tmp_path / "o.safetensors")])
+    assert result.returncode != 0 and "--lora_rank 32" in result.stderr and "rank-16" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_diffusers_alpha_metadata_is_honoured(rank16_lora, tiny_sd3, tmp_path):
+    """diffusers >= 0.33 stores the PEFT config (lora_alpha 8, r 16): its default scale is 8/16; --to paddle keeps
+    the weights and records that scale, i.e. it gives back what our trainer wrote at rank 16."""
+    ours = load_file(rank16_lora)
+    adapter = {"transformer.r": 16, "transformer.lora_alpha": 8, "transformer.rank_pattern": {}, "transformer.alpha_pattern": {}}
+    save_file(_pytorch_form(ours), str(tmp_path / "diffusers.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(adapter)})
+    out = str(tmp_path / "pd.safetensors")
+    report = convert("--to", "paddle", str(tmp_path / "diffusers.safetensors"), out)
+    assert report["lora_scale"] == 0.5 and "lora_alpha 8" in report["scale_from"]
+    back = load_file(out)
+    assert set(back) == set(ours) and all(np.array_equal(back[k], ours[k]) for k in ours)
+    adapter["transformer.r"] = 32
+    save_file(_pytorch_form(ours), str(tmp_path / "wrong.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(adapter)})
+    result = run_python(["scripts/convert_lora.py", "--to", "paddle", str(tmp_path / "wrong.safetensors"), out])
+    assert result.returncode != 0 and "r=32" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_and_unreadable_inputs_are_one_line(tmp_path):
+    (tmp_path / "lora.pdparams").write_bytes(b"not a safetensors file")
+    for name in ("nothing.safetensors", "lora.pdparams"):
+        result = run_python(["scripts/convert_lora.py", "--to", "diffusers", str(tmp_path / name), str(tmp_path / "o.safetensors")])
+        assert result.returncode != 0 and str(tmp_path / name) in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_rejects_files_that_are_not_loras(tmp_path):

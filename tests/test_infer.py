@@ -10,8 +10,7 @@ def test_infer_with_and_without_lora(tiny_sd3, tmp_path):
     from ppdiffusers import SD3Transformer2DModel
 
     transformer = add_random_lora(SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer"), 16, seed=2)
-    pcm_lora.save_lora(transformer, str(tmp_path))
-    (tmp_path / "training_args.json").write_text(json.dumps({"lora_rank": 16}))
+    pcm_lora.save_lora(transformer, str(tmp_path))  # copied out of its run folder: no training_args.json beside it
     common = ["scripts/infer.py", "--pretrained_teacher_model", tiny_sd3, "--height", "64", "--width", "64",
               "--prompt", "a red dog", "--prompt", "a blue car"]
     runs = {}
@@ -20,8 +19,15 @@ def test_infer_with_and_without_lora(tiny_sd3, tmp_path):
         result = run_python([*common, *extra, "--output", str(tmp_path / f"{name}.png")])
         assert result.returncode == 0, result.stderr[-2000:]
         runs[name] = json.loads(result.stdout.strip().splitlines()[-1])
-    assert runs["lora"]["lora_scale"] == 0.5  # alpha 8 / rank 16, from training_args.json
+    assert runs["lora"]["lora_scale"] == runs["stochastic"]["lora_scale"] == 0.5  # alpha 8 / rank 16 of the weights
     assert runs["teacher"]["lora_scale"] is None and runs["lora"]["shift"] == 3.0
     images = {n: [Image.open(p) for p in r["images"]] for n, r in runs.items()}
     assert all(len(v) == 2 and v[0].size == (64, 64) for v in images.values())
     assert images["lora"][0].tobytes() != images["teacher"][0].tobytes()
+
+
+def test_missing_lora_is_one_line_before_loading_the_model(tmp_path):
+    result = run_python(["scripts/infer.py", "--pretrained_teacher_model", str(tmp_path / "no-model"),
+                         "--lora", str(tmp_path / "lora.safetensors")])
+    assert result.returncode != 0 and "--lora" in result.stderr and "does not exist" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

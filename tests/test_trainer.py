@@ -1,6 +1,7 @@
 """The trainer end to end on the tiny teacher and tiny shards (CPU)."""
 import json
 import os
+import re
 
 import numpy as np
 import paddle
@@ -234,6 +235,20 @@ def test_defaults_match_the_reference():
                     output_dir="sd3-dreambooth", dataloader_num_workers=0, gradient_accumulation_steps=1,
                     w_min=3.0, w_max=3.0)
     assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_help_shows_defaults_and_lists_the_ignored_reference_flags():
+    text = trainer.build_parser().format_help()
+    options, ignored = text.split("accepted for compatibility with the reference, ignored:")
+    entries = {m.group(1): " ".join(m.group(2).split()) for m in re.finditer(r"^  (--\w+)(.*?)(?=^  -|\Z)", options + "\n  -",
+                                                                           re.M | re.S)}
+    for flag, default in [("--resolution", "1024"), ("--output_dir", "sd3-dreambooth"), ("--report_to", "tensorboard"),
+                          ("--lora_rank", "4"), ("--multiphase", "8"), ("--num_euler_timesteps", "50")]:
+        assert f"(default: {default})" in entries[flag], entries[flag]
+    ignored_flags = set(re.findall(r"^  (--\w+)", ignored, re.M))
+    assert {f"--{name}" for name in trainer.IGNORED_REFERENCE_FLAGS} <= ignored_flags and not ignored_flags & set(entries)
+    every_flag = {s for action in trainer.build_parser()._actions for s in action.option_strings if s.startswith("--")}
+    assert every_flag == set(entries) | ignored_flags | {"--help"}  # nothing hidden
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
