@@ -122,6 +122,7 @@ def make_tiny_sd3(
     text_width: int = 32,
     sample_size: int = 32,
     variant: str = "sd3",
+    vae_channels: int = 8,
 ) -> str:
     """Build and save the tiny teacher; returns ``output_dir``.
 
@@ -135,7 +136,7 @@ def make_tiny_sd3(
     # Tokenizers copy their resource files on save, so the temporary folder lives until the end.
     with tempfile.TemporaryDirectory() as tmp:
         pipe = _build_pipeline(tmp, seed, num_layers, num_attention_heads, attention_head_dim, text_width, sample_size,
-                               variant)
+                               variant, vae_channels)
         pipe.save_pretrained(output_dir)
     if variant != "sd3":  # the published model_index.json names the SD3 class for SD3.5 too
         _set_json(os.path.join(output_dir, "model_index.json"), "transformer", ["ppdiffusers", "SD3Transformer2DModel"])
@@ -172,7 +173,8 @@ def transformer_variant_config(variant: str, num_layers: int) -> dict:
     raise ValueError(f"--variant {variant!r}: choose one of {', '.join(VARIANTS)}")
 
 
-def _build_pipeline(tmp, seed, num_layers, num_attention_heads, attention_head_dim, text_width, sample_size, variant):
+def _build_pipeline(tmp, seed, num_layers, num_attention_heads, attention_head_dim, text_width, sample_size, variant,
+                    vae_channels):
     from ppdiffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from ppdiffusers.transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config
     from ppdiffusers.transformers import T5EncoderModel, T5Tokenizer
@@ -209,7 +211,7 @@ def _build_pipeline(tmp, seed, num_layers, num_attention_heads, attention_head_d
     vae = AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=16, norm_num_groups=4,
+        block_out_channels=(vae_channels,) * 4, layers_per_block=1, latent_channels=16, norm_num_groups=4,
         sample_size=8 * sample_size, scaling_factor=1.5305, shift_factor=0.0609,
         use_quant_conv=False, use_post_quant_conv=False,
     )
@@ -241,6 +243,7 @@ def main(argv=None) -> None:
     parser.add_argument("--text_width", type=int, default=32, help="CLIP hidden width (T5 is twice as wide)")
     parser.add_argument("--sample_size", type=int, default=32, help="default latent size (pixels / 8)")
     parser.add_argument("--variant", choices=VARIANTS, default="sd3", help="transformer family (SD3.5: qk-norm, MMDiT-X)")
+    parser.add_argument("--vae_channels", type=int, default=8, help="VAE block width (a multiple of 4)")
     args = parser.parse_args(argv)
     make_tiny_sd3(**vars(args))
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args.output_dir) for f in fs)
