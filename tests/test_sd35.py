@@ -146,7 +146,7 @@ def _inputs(config, batch=2, size=8, seed=3):
     return dict(
         hidden_states=paddle.to_tensor(rng.standard_normal([batch, 16, size, size]).astype("float32")),
         timestep=paddle.to_tensor(np.linspace(800.0, 120.0, batch).astype("float32")),
-        encoder_hidden_states=paddle.to_tensor(rng.standard_normal([batch, 20, config.joint_attention_dim]).astype("float32")),
+        encoder_hidden_states=paddle.to_tensor(rng.standard_normal([batch, 154, config.joint_attention_dim]).astype("float32")),
         pooled_projections=paddle.to_tensor(rng.standard_normal([batch, config.pooled_projection_dim]).astype("float32")),
     )
 
@@ -188,6 +188,37 @@ def test_tiny_teacher_config_lora_targets_and_discriminator_taps(tiny35, variant
         sample = transformer(**inputs).sample.numpy()
     assert len(features) == len(logits) == config["num_layers"] and logits[0].shape == [2, 1, 4, 4]
     np.testing.assert_allclose(from_features, sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_memory_budget_counts_and_tracer_match_the_tiny_model(tiny35, variant):
+    """scripts/memory_budget.py's SD3.5 formulas (parameters, LoRA targets) and its tracer of the SD3.5 block
+    (fp32, plain attention) against the real tiny model and what Paddle's host allocator keeps for backward."""
+    import gc
+
+    import memory_budget as mb
+    from conftest import load_frozen_transformer
+    from paddle.base import core
+
+    folder = tiny35(variant)
+    config = json.load(open(os.path.join(folder, "transformer", "config.json")))
+    student = load_frozen_transformer(folder)
+    assert mb.transformer_parameter_count(config) == sum(int(np.prod(p.shape)) for p in student.parameters())
+    pcm_lora.add_pcm_lora(student, 4)
+    assert sorted(name for name, _, _ in mb.lora_targets(config)) == pcm_lora.lora_module_names(student)
+    trainable = [p for p in student.parameters() if not p.stop_gradient]
+    assert mb.lora_parameter_count(config, 4) == sum(int(np.prod(p.shape)) for p in trainable)
+    if not paddle.get_device().startswith("cpu"):
+        pytest.skip("the measurement reads Paddle's host (CPU) allocator statistics")
+    inputs = _inputs(student.config, size=16)
+    gc.collect()
+    before = core.host_memory_stat_current_value("Allocated", 0)
+    out = student(**inputs).sample
+    measured = core.host_memory_stat_current_value("Allocated", 0) - before - int(out.numel()) * out.element_size()
+    tr = mb.Trace("paddle", amp=False, attention="math")
+    mb.trace_transformer(tr, config, batch=2, resolution=128, role="student", input_dt="f32", embeds_dt="f32",
+                         weight_dt="f32", rank=4, lora="active")
+    assert tr.saved_bytes() == pytest.approx(measured, rel=0.02)
 
 
 def test_diffusers_layout_folder_loads(tiny35, tmp_path):
