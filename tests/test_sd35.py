@@ -191,20 +191,21 @@ def test_tiny_teacher_config_lora_targets_and_discriminator_taps(tiny35, variant
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_memory_budget_counts_and_tracer_match_the_tiny_model(tiny35, variant):
+def test_memory_budget_counts_and_tracer_match_the_tiny_model(tiny35, shards, tmp_path, variant):
     """scripts/memory_budget.py's SD3.5 formulas (parameters, LoRA targets) and its tracer of the SD3.5 block
-    (fp32, plain attention) against the real tiny model and what Paddle's host allocator keeps for backward."""
+    (fp32, plain attention) against the student the trainer prepares and what Paddle's host allocator keeps."""
     import gc
 
     import memory_budget as mb
-    from conftest import load_frozen_transformer
     from paddle.base import core
 
     folder = tiny35(variant)
     config = json.load(open(os.path.join(folder, "transformer", "config.json")))
-    student = load_frozen_transformer(folder)
-    assert mb.transformer_parameter_count(config) == sum(int(np.prod(p.shape)) for p in student.parameters())
-    pcm_lora.add_pcm_lora(student, 4)
+    args = trainer.parse_args(["--pretrained_teacher_model", folder, "--data_path", shards, "--output_dir",
+                               str(tmp_path), "--lora_rank", "4"])
+    student = trainer.load_models(args, "float32", lambda *a: None)[-1]
+    base = [p for n, p in student.named_parameters() if ".lora_" not in n]
+    assert mb.transformer_parameter_count(config) == sum(int(np.prod(p.shape)) for p in base)
     assert sorted(name for name, _, _ in mb.lora_targets(config)) == pcm_lora.lora_module_names(student)
     trainable = [p for p in student.parameters() if not p.stop_gradient]
     assert mb.lora_parameter_count(config, 4) == sum(int(np.prod(p.shape)) for p in trainable)
