@@ -5,7 +5,8 @@ states after every transformer block. One small trainable head per block turns
 its tokens, reshaped to the latent patch grid ``[B, C, H/p, W/p]``, into a map of
 logits. Unlike the reference (64x64 tokens and 24 blocks of width 1536 hard-coded,
 so only 1024 px SD3-medium works) the grid is read from the input and the head
-count and width from the transformer config: any resolution, any SD3 variant.
+count and width from the transformer config: any resolution, SD3 and SD3.5 (whose MMDiT-X ``attn2``
+runs inside the block, so the features after each block include it).
 
 The backbone is the teacher object itself (or, with ``--share_teacher_weights``, the student's frozen
 base), held by reference (not a sublayer), so ``parameters()`` and ``state_dict()`` hold only the heads.

@@ -336,8 +336,9 @@ def _patch_sd35_selection() -> bool:
         if cls is SD3Transformer2DModel:
             import sd35_transformer  # here, not at import time: it imports this module first
 
-            config_kwargs = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "from_hf_hub", "from_aistudio", "use_auth_token", "proxies",
-                                                    "local_files_only") if k in kwargs}
+            where = ("subfolder", "revision", "cache_dir", "from_hf_hub", "from_aistudio", "use_auth_token", "proxies",
+                     "local_files_only")
+            config_kwargs = {k: kwargs[k] for k in where if k in kwargs}
             config = cls.load_config(pretrained_model_name_or_path, **config_kwargs)
             source = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "", cls.config_name)
             cls = sd35_transformer.transformer_class(config, source)

@@ -4,7 +4,10 @@ The reference lists 22 target patterns. PEFT matches a pattern when a module's
 name equals it or ends with ``"." + pattern``, so the three entries that start
 with a dot (``.add_q_proj`` …) never match: the context q/k/v projections get
 no LoRA. We keep exactly that effective set (what the published weights
-contain). ``lora_alpha`` stays at PEFT's default (8), so the training-time scale
+contain). On SD3.5-medium's MMDiT-X blocks the suffixes ``to_q/to_k/to_v/to_out.0``
+also match ``attn2`` (as under PyTorch PEFT with the same list), so its projections
+are wrapped too; the SD3.5 q/k RMSNorms are not Linear and stay frozen (README
+"Works with"). ``lora_alpha`` stays at PEFT's default (8), so the training-time scale
 is ``8 / rank`` and a reload with ``joint_attention_kwargs={"scale": 8 / rank}``
 reproduces the trained student.
 """

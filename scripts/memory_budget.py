@@ -52,6 +52,13 @@ SD3_MEDIUM_TRANSFORMER = {
     "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
     "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
 }
+# stabilityai/stable-diffusion-3.5-medium and -large (transformer/config.json; text encoders and VAE as SD3's)
+SD35_MEDIUM_TRANSFORMER = {**SD3_MEDIUM_TRANSFORMER, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+                           "dual_attention_layers": list(range(13))}
+SD35_LARGE_TRANSFORMER = {**SD3_MEDIUM_TRANSFORMER, "num_layers": 38, "num_attention_heads": 38,
+                          "caption_projection_dim": 2432, "qk_norm": "rms_norm"}
+TRANSFORMERS = {"sd3-medium": SD3_MEDIUM_TRANSFORMER, "sd3.5-medium": SD35_MEDIUM_TRANSFORMER,
+                "sd3.5-large": SD35_LARGE_TRANSFORMER}
 CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
           "max_position_embeddings": 77, "projection_dim": 768}
 CLIP_G = {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
@@ -80,6 +87,11 @@ def _lin(fan_in: int, fan_out: int, bias: bool = True) -> int:
     return fan_in * fan_out + (fan_out if bias else 0)
 
 
+def _sd35_block(config: dict, i: int) -> tuple:
+    """(qk-norm, MMDiT-X attn2) of block ``i`` (sd35_transformer.py; both False for SD3)."""
+    return bool(config.get("qk_norm")), i in (config.get("dual_attention_layers") or ())
+
+
 def transformer_parameter_count(config: dict) -> int:
     """``sum(p.numel() for p in SD3Transformer2DModel(**config).parameters())`` (ppdiffusers 0.29).
 
@@ -96,7 +108,10 @@ def transformer_parameter_count(config: dict) -> int:
     layers = int(config["num_layers"])
     for i in range(layers):
         last = i == layers - 1
-        n += _lin(d, 6 * d)                                             # norm1.linear
+        qk_norm, dual = _sd35_block(config, i)
+        n += _lin(d, (9 if dual else 6) * d)                            # norm1.linear (SD3.5 MMDiT-X: 9 chunks)
+        n += 4 * _lin(d, d) if dual else 0                              # attn2 to_q/k/v, to_out.0
+        n += (4 + 2 * dual) * int(config["attention_head_dim"]) if qk_norm else 0  # q/k RMSNorm weights
         n += _lin(d, 2 * d) + d if last else _lin(d, 6 * d)              # norm1_context (+ LayerNorm bias)
         n += 7 * _lin(d, d)                                             # to_q/k/v, add_q/k/v, to_out.0
         n += _lin(d, 4 * d) + _lin(4 * d, d)                            # ff
@@ -126,8 +141,10 @@ def lora_targets(config: dict) -> list:
     for i in range(layers):
         last = i == layers - 1
         pre = f"transformer_blocks.{i}."
-        targets += [(pre + "norm1.linear", d, 6 * d), (pre + "norm1_context.linear", d, (2 if last else 6) * d)]
-        targets += [(pre + f"attn.{m}", d, d) for m in ("to_q", "to_k", "to_v", "to_out.0")]
+        dual = _sd35_block(config, i)[1]
+        targets += [(pre + "norm1.linear", d, (9 if dual else 6) * d), (pre + "norm1_context.linear", d, (2 if last else 6) * d)]
+        targets += [(pre + f"{attn}.{m}", d, d) for attn in (("attn", "attn2") if dual else ("attn",))
+                    for m in ("to_q", "to_k", "to_v", "to_out.0")]
         targets += [(pre + "ff.net.0.proj", d, 4 * d), (pre + "ff.net.2", 4 * d, d)]
         if not last:
             targets += [(pre + "attn.to_add_out", d, d), (pre + "ff_context.net.0.proj", d, 4 * d),
@@ -417,8 +434,10 @@ def _peft_linear(tr, x, fan_in, fan_out, weight_dt, lora, rank, conv=False):
     return tr.cast(result, target_dt)
 
 
-def trace_block(tr, h, ctx, temb, *, width, heads, batch, n_img, n_txt, last, weight_dt, lora, rank):
-    """One ``JointTransformerBlock`` (ppdiffusers 0.29 / diffusers 0.30 have the same op sequence)."""
+def trace_block(tr, h, ctx, temb, *, width, heads, batch, n_img, n_txt, last, weight_dt, lora, rank,
+                qk_norm=False, dual=False):
+    """One ``JointTransformerBlock`` (ppdiffusers 0.29 / diffusers 0.30 have the same op sequence); with
+    ``qk_norm`` / ``dual`` the SD3.5 block of sd35_transformer.py (q/k RMSNorms; MMDiT-X attn2)."""
     d = width
 
     def linear(x, fan_in, fan_out, target=True):
@@ -427,15 +446,24 @@ def trace_block(tr, h, ctx, temb, *, width, heads, batch, n_img, n_txt, last, we
     def modulate(x, scale, shift):  # norm(x) * (1 + scale[:, None]) + shift[:, None]
         return tr.add(tr.mul(tr.layer_norm(x), tr.scale(scale)), shift)
 
-    emb = linear(tr.activation(temb), d, 6 * d)                        # norm1.linear(silu(temb))
-    chunk = Trace.view(emb, batch * d)                                  # shift/scale/gate (msa, mlp)
-    x = modulate(h, chunk, chunk)
+    def rms_norm(x):  # sd35_transformer.RMSNorm: fp32 x * rsqrt(mean(x^2) + eps) * weight, back to x's dtype
+        x32 = tr.cast(x, "f32")
+        tr.mul(x32, x32)                                                # pow(2) keeps x32
+        normed = tr.mul(x32, tr.new(x.n // (d // heads), "f32", x.grad))  # x32 * rsqrt(...)
+        return tr.cast(tr.mul(normed, tr.param(d // heads, "f32")), x.dt)
+
+    emb = linear(tr.activation(temb), d, (9 if dual else 6) * d)       # norm1.linear(silu(temb))
+    chunk = Trace.view(emb, batch * d)                                  # shift/scale/gate (msa, mlp[, msa2])
+    normed_h = tr.layer_norm(h)                                         # shared by attn and attn2 (MMDiT-X)
+    x = tr.add(tr.mul(normed_h, tr.scale(chunk)), chunk)
     cemb = linear(tr.cast(tr.activation(temb), ctx.dt) if last else tr.activation(temb), d, (2 if last else 6) * d)
     cchunk = Trace.view(cemb, batch * d)
     cx = modulate(ctx, cchunk, cchunk)
 
     q, k, v = (linear(x, d, d) for _ in range(3))                       # to_q/k/v (LoRA)
     cq, ck, cv = (linear(cx, d, d, target=False) for _ in range(3))    # add_q/k/v_proj (no LoRA)
+    if qk_norm:
+        q, k, cq, ck = (rms_norm(t) for t in (q, k, cq, ck))
     q, k, v = tr.concat(q, cq), tr.concat(k, ck), tr.concat(v, cv)
     out = tr.attention(q, k, v, batch, heads, n_img + n_txt)
     out = tr.cast(out, q.dt)                                            # .astype(query.dtype)
@@ -443,6 +471,13 @@ def trace_block(tr, h, ctx, temb, *, width, heads, batch, n_img, n_txt, last, we
     cattn = None if last else linear(Trace.view(out, batch * n_txt * d), d, d)  # to_add_out
 
     h = tr.add(h, tr.mul(chunk, attn))
+    if dual:  # attn2 over the image tokens on LayerNorm(block input) * (1 + scale2) + shift2
+        x2 = tr.add(tr.mul(normed_h, tr.scale(chunk)), chunk)
+        q2, k2, v2 = (linear(x2, d, d) for _ in range(3))                # attn2.to_q/k/v (LoRA)
+        if qk_norm:
+            q2, k2 = rms_norm(q2), rms_norm(k2)
+        out2 = tr.cast(tr.attention(q2, k2, v2, batch, heads, n_img), q2.dt)
+        h = tr.add(h, tr.mul(chunk, tr.dropout(linear(out2, d, d))))
     f = tr.activation(linear(modulate(h, chunk, chunk), d, 4 * d))     # ff.net.0 (proj + GELU)
     f = linear(tr.dropout(f), 4 * d, d)                                 # ff.net.1, ff.net.2
     h = tr.add(h, tr.mul(chunk, f))
@@ -487,8 +522,9 @@ def trace_transformer(tr, config, *, batch, resolution, role, rank=0, input_dt="
     for i in range(layers):
         block_inputs.append(tr.sizes[h.sid] + tr.sizes[ctx.sid] + tr.sizes[temb.sid])
         before = tr.saved_bytes()
+        qk_norm, dual = _sd35_block(config, i)
         h, ctx = trace_block(tr, h, ctx, temb, width=d, heads=heads, batch=batch, n_img=n_img, n_txt=n_txt,
-                             last=i == layers - 1, weight_dt=weight_dt, lora=lora, rank=rank)
+                             last=i == layers - 1, weight_dt=weight_dt, lora=lora, rank=rank, qk_norm=qk_norm, dual=dual)
         per_block.append(tr.saved_bytes() - before)
         features.append(h)
     epilogue = 0
@@ -684,6 +720,11 @@ TABLE_ROWS = [
     ("ours", "ours", 512, 2, True, False),
     ("ours --share_teacher_weights", "ours", 1024, 2, False, True),
     ("ours --share_teacher_weights", "ours", 1024, 2, True, True),
+    # SD3.5 (a 7th item names the transformer in TRANSFORMERS): what it takes to fit 80 GB at 1024 px
+    ("ours SD3.5-medium", "ours", 1024, 2, False, False, "sd3.5-medium"),
+    ("ours SD3.5-medium", "ours", 1024, 2, True, False, "sd3.5-medium"),
+    ("ours SD3.5-large", "ours", 1024, 2, True, False, "sd3.5-large"),
+    ("ours SD3.5-large --share_teacher_weights", "ours", 1024, 2, True, True, "sd3.5-large"),
 ]
 
 
@@ -726,6 +767,8 @@ def main(argv=None) -> int:
                         help="dtype our LoRA layers return. result = the base layer's (PyTorch peft; ppdiffusers.peft "
                              "with paddle_compat); input = what-if without paddle_compat's shim (the fp32 LayerNorm "
                              "output's, so the student's stream and attention run in fp32)")
+    parser.add_argument("--transformer", default="sd3-medium", choices=sorted(TRANSFORMERS),
+                        help="teacher transformer (published config; text encoders and VAE are the same for all)")
     parser.add_argument("--table", action="store_true", help="print the README table (fixed configurations)")
     parser.add_argument("--verify_counts", action="store_true",
                         help="also build SD3-medium's transformer and VAE under paddle.LazyGuard and compare counts")
@@ -743,12 +786,13 @@ def main(argv=None) -> int:
 
     if args.table:
         rows = []
-        for label, impl, res, bs, ck, share in TABLE_ROWS:
+        for label, impl, res, bs, ck, share, *transformer in TABLE_ROWS:
             ours = impl == "ours"  # the reference rows are the measured (calibration) configuration
             result = step_budget(resolution=res, batch_size=bs, lora_rank=args.lora_rank if ours else 32,
                                  mixed_precision=args.mixed_precision if ours else "fp16", gradient_checkpointing=ck,
                                  implementation=impl, share_teacher_weights=share, attention=args.attention,
-                                 peft_cast=args.peft_cast if ours else None)
+                                 peft_cast=args.peft_cast if ours else None,
+                                 config=TRANSFORMERS[transformer[0]] if transformer else None)
             rows.append(_row(label, result))
         print(f"SD3-medium, ours: {args.mixed_precision}, LoRA rank {args.lora_rank}, attention {args.attention}"
               f"{', what-if --peft_cast input (no compat shim)' if args.peft_cast == 'input' else ''}; reference: fp16, rank 32; "
@@ -761,9 +805,10 @@ def main(argv=None) -> int:
         result = step_budget(resolution=args.resolution, batch_size=args.batch_size, lora_rank=args.lora_rank,
                              mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                              implementation=args.implementation, share_teacher_weights=args.share_teacher_weights,
-                             attention=args.attention,
+                             attention=args.attention, config=TRANSFORMERS[args.transformer],
                              peft_cast=args.peft_cast if args.implementation == "ours" else None)
-        label = args.implementation + (" --share_teacher_weights" if result["share_teacher_weights"] else "")
+        label = args.implementation + ("" if args.transformer == "sd3-medium" else f" {args.transformer}") \
+            + (" --share_teacher_weights" if result["share_teacher_weights"] else "")
         print_rows([_row(label, result)])
         print("static:", ", ".join(f"{k} {v / GiB:.2f}" for k, v in result["static_bytes"].items()), "GiB")
         print("activations (x kappa):", ", ".join(f"{k} {v * KAPPA / GiB:.2f}"

@@ -146,7 +146,7 @@ def _inputs(config, batch=2, size=8, seed=3):
     return dict(
         hidden_states=paddle.to_tensor(rng.standard_normal([batch, 16, size, size]).astype("float32")),
         timestep=paddle.to_tensor(np.linspace(800.0, 120.0, batch).astype("float32")),
-        encoder_hidden_states=paddle.to_tensor(rng.standard_normal([batch, 20, config.joint_attention_dim]).astype("float32")),
+        encoder_hidden_states=paddle.to_tensor(rng.standard_normal([batch, 154, config.joint_attention_dim]).astype("float32")),
         pooled_projections=paddle.to_tensor(rng.standard_normal([batch, config.pooled_projection_dim]).astype("float32")),
     )
 
@@ -188,6 +188,38 @@ def test_tiny_teacher_config_lora_targets_and_discriminator_taps(tiny35, variant
         sample = transformer(**inputs).sample.numpy()
     assert len(features) == len(logits) == config["num_layers"] and logits[0].shape == [2, 1, 4, 4]
     np.testing.assert_allclose(from_features, sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_memory_budget_counts_and_tracer_match_the_tiny_model(tiny35, shards, tmp_path, variant):
+    """scripts/memory_budget.py's SD3.5 formulas (parameters, LoRA targets) and its tracer of the SD3.5 block
+    (fp32, plain attention) against the student the trainer prepares and what Paddle's host allocator keeps."""
+    import gc
+
+    import memory_budget as mb
+    from paddle.base import core
+
+    folder = tiny35(variant)
+    config = json.load(open(os.path.join(folder, "transformer", "config.json")))
+    args = trainer.parse_args(["--pretrained_teacher_model", folder, "--data_path", shards, "--output_dir",
+                               str(tmp_path), "--lora_rank", "4"])
+    student = trainer.load_models(args, "float32", lambda *a: None)[-1]
+    base = [p for n, p in student.named_parameters() if ".lora_" not in n]
+    assert mb.transformer_parameter_count(config) == sum(int(np.prod(p.shape)) for p in base)
+    assert sorted(name for name, _, _ in mb.lora_targets(config)) == pcm_lora.lora_module_names(student)
+    trainable = [p for p in student.parameters() if not p.stop_gradient]
+    assert mb.lora_parameter_count(config, 4) == sum(int(np.prod(p.shape)) for p in trainable)
+    if not paddle.get_device().startswith("cpu"):
+        pytest.skip("the measurement reads Paddle's host (CPU) allocator statistics")
+    inputs = _inputs(student.config, size=16)
+    gc.collect()
+    before = core.host_memory_stat_current_value("Allocated", 0)
+    out = student(**inputs).sample
+    measured = core.host_memory_stat_current_value("Allocated", 0) - before - int(out.numel()) * out.element_size()
+    tr = mb.Trace("paddle", amp=False, attention="math")
+    mb.trace_transformer(tr, config, batch=2, resolution=128, role="student", input_dt="f32", embeds_dt="f32",
+                         weight_dt="f32", rank=4, lora="active")
+    assert tr.saved_bytes() == pytest.approx(measured, rel=0.02)
 
 
 def test_diffusers_layout_folder_loads(tiny35, tmp_path):
@@ -251,15 +283,21 @@ def shards(tmp_path_factory):
     return out
 
 
+# The flags README "Works with" gives for fitting each variant into 80 GB at 1024 px.
+MEMORY_FLAGS = {"sd3.5-medium": ["--gradient_checkpointing"],
+                "sd3.5-large": ["--gradient_checkpointing", "--share_teacher_weights"]}
+
+
 @pytest.fixture(scope="module", params=VARIANTS)
 def run35(request, tiny35, shards, tmp_path_factory):
-    """A 2-step run (a D step then a G step) with a checkpoint after each step and validation at the end."""
+    """A 2-step run (a D step then a G step) with a checkpoint after each step and validation at the end,
+    with the variant's memory flags."""
     teacher = tiny35(request.param)
     out = str(tmp_path_factory.mktemp(f"run-{request.param}"))
     argv = ["--pretrained_teacher_model", teacher, "--data_path", shards, "--output_dir", out, "--resolution", "64",
             "--train_batch_size", "2", "--max_train_steps", "2", "--checkpointing_steps", "1", "--seed", "11",
             "--lora_rank", "4", "--learning_rate", "1e-2", "--validation_steps", "2", "--num_validation_images", "1",
-            "--resume_from_checkpoint", "latest", "--report_to", "none"]
+            "--resume_from_checkpoint", "latest", "--report_to", "none", *MEMORY_FLAGS[request.param]]
     args = trainer.parse_args(argv)
     result = trainer.train(args, trainer.validate_args(args))
     assert result.exit_code == 0 and result.global_step == 2
