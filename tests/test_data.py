@@ -575,3 +575,64 @@ def test_inspect_script_survives_hostile_data(tmp_path, hang_guard, capfd):
     inspect_data.main(["--data_path", str(tmp_path), "--resolution", str(RES), "--max_member_bytes", str(2**20)])
     report = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
     assert report["samples"] == 1 and report["skipped_by_reason"] == {"member_too_large": 1, "not_regular_file": 1}
+
+
+# --------------------------------------------------------------------------- a 2-rank run on hostile shards
+
+
+FLAG_SECRET, ENV_SECRET = "hf_flag_secret_7f3a9c", "env_secret_51d0be"
+
+
+def _append(shard, members):
+    with tarfile.open(shard, "a") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def hostile_two_rank_run(tiny_sd3, tmp_path_factory):
+    """2 ranks (one shard each, both with hidden/duplicate members), 1 step, a token given as flag and in the env."""
+    from conftest import run_python
+
+    tmp = tmp_path_factory.mktemp("hostile_run")
+    data = make_tiny_cc3m(str(tmp / "data"), num_shards=2, samples_per_shard=4, min_size=64, max_size=64, seed=2)
+    shard0, shard1 = sorted(resolve_data_source(data["output_dir"]).units)
+    _append(shard0, [("._000000000.jpg", b"x")])
+    _append(shard1, [("._000000004.jpg", b"x"), ("zz.jpg", _jpeg(64)), ("zz.jpg", _jpeg(64)), ("zz.txt", b"a red square")])
+    out, logs = tmp / "out", tmp / "logs"
+    result = run_python(
+        ["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(logs), "train_pcm_lora_sd3_adv.py",
+         "--pretrained_teacher_model", tiny_sd3, "--data_path", data["output_dir"], "--output_dir", str(out),
+         "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "1", "--checkpointing_steps", "1",
+         "--num_validation_images", "0", "--report_to", "tensorboard", "--seed", "1", "--lora_rank", "4",
+         "--hub_token", FLAG_SECRET, "--tracker_project_name", f"run-{ENV_SECRET}"],
+        env={"HF_TOKEN": ENV_SECRET})
+    worker_logs = {name: (logs / name).read_text(errors="replace") for name in os.listdir(logs)}
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:] + "".join(worker_logs.values())[-3000:]
+    return out, logs, worker_logs
+
+
+def test_skip_counts_are_summed_over_ranks(hostile_two_rank_run):
+    out, _, worker_logs = hostile_two_rank_run
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["skipped_samples"] for row in rows] == [3]  # rank 0 alone would report 1 or 2
+    assert "skipped samples (all ranks): {'duplicate_member': 1, 'hidden_member': 2}" in worker_logs["workerlog.0"]
+
+
+def test_no_secret_reaches_a_file_the_run_wrote(hostile_two_rank_run):
+    out, logs, worker_logs = hostile_two_rank_run
+    written = [os.path.join(folder, name) for folder, _, names in os.walk(out) for name in names]
+    args_copies = [path for path in written if path.endswith("training_args.json")]
+    assert len(args_copies) == 2  # the final one and checkpoint-1's
+    assert any("visualdl" in path for path in written)
+    for path in written:
+        content = open(path, "rb").read()
+        assert FLAG_SECRET.encode() not in content and ENV_SECRET.encode() not in content, path
+    recorded = json.load(open(args_copies[0]))
+    assert recorded["hub_token"] == "<redacted>" and recorded["tracker_project_name"] == "run-<redacted>"
+    for name, text in worker_logs.items():
+        if name.startswith("workerlog"):  # our ranks' console output
+            assert FLAG_SECRET not in text and ENV_SECRET not in text
+    assert ENV_SECRET in (logs / "envlog.0").read_text()  # the launcher's own copy of the environment (README)
