@@ -221,6 +221,71 @@ def verify_counts_lazily() -> dict:
             "vae": (count(vae), vae_parameter_count(SD3_VAE))}
 
 
+def measure_g_step_on_cpu(teacher_dir: str, resolution: int, batch: int, rank: int, frozen_linear: bool) -> dict:
+    """What Paddle keeps for backward in a G step's two graphs (fp32, CPU, real models from ``teacher_dir``):
+    the student forward (LoRA) and the discriminator's ``g_loss`` through the frozen teacher, measured with
+    the host allocator and traced, with frozen Linear layers routed through ``frozen_linear`` or not."""
+    import gc
+    import json
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import paddle_compat  # noqa: F401  (before ppdiffusers)
+    import paddle
+    from paddle.base import core
+    from ppdiffusers import SD3Transformer2DModel
+
+    import frozen_linear as frozen_linear_module
+    import pcm_lora
+    from discriminator import Discriminator
+
+    def load():
+        model = SD3Transformer2DModel.from_pretrained(teacher_dir, subfolder="transformer")
+        for param in model.parameters():
+            param.stop_gradient = True
+        return model.eval()
+
+    def kept(fn):
+        gc.collect()
+        before = core.host_memory_stat_current_value("Allocated", 0)
+        out = fn()
+        return core.host_memory_stat_current_value("Allocated", 0) - before - int(out.numel()) * out.element_size()
+
+    with open(os.path.join(teacher_dir, "transformer", "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    latent = resolution // VAE_FACTOR
+    paddle.seed(0)
+    sample = paddle.randn([batch, int(config["in_channels"]), latent, latent])
+    kwargs = dict(timestep=paddle.full([batch], 500.0),
+                  encoder_hidden_states=paddle.randn([batch, TEXT_TOKENS, int(config["joint_attention_dim"])]),
+                  pooled_projections=paddle.randn([batch, int(config["pooled_projection_dim"])]))
+    student = load()
+    pcm_lora.add_pcm_lora(student, rank)
+    fake = sample.clone()
+    fake.stop_gradient = False
+    disc = Discriminator(load())
+    previous = paddle.nn.Linear.forward
+    paddle.nn.Linear.forward = (frozen_linear_module.linear_forward if frozen_linear
+                                else frozen_linear_module._UPSTREAM_FORWARD)
+    try:
+        measured = {"student forward": kept(lambda: student(hidden_states=sample, **kwargs).sample),
+                    "discriminator g_loss": kept(lambda: disc("g_loss", fake, kwargs["timestep"],
+                                                              kwargs["encoder_hidden_states"],
+                                                              kwargs["pooled_projections"]))}
+    finally:
+        paddle.nn.Linear.forward = previous
+    traced = {}
+    for role, name in (("student", "student forward"), ("backbone", "discriminator g_loss")):
+        tr = Trace("paddle", amp=False, attention="math", frozen_linear=frozen_linear)
+        out = trace_transformer(tr, config, batch=batch, resolution=resolution, role=role, rank=rank,
+                                input_dt="f32", input_grad=role == "backbone", embeds_dt="f32", weight_dt="f32",
+                                lora="active" if role == "student" else None)
+        if role == "backbone":
+            trace_heads(tr, out["features"], _width(config))
+        traced[name] = tr.saved_bytes()
+    return {"measured_bytes": measured, "traced_bytes": traced}
+
+
 # ----------------------------------------------------------------------------------------------
 # Activation tracer
 # ----------------------------------------------------------------------------------------------
@@ -727,12 +792,27 @@ def main(argv=None) -> int:
                              "with paddle_compat); input = what-if without paddle_compat's shim (the fp32 LayerNorm "
                              "output's, so the student's stream and attention run in fp32)")
     parser.add_argument("--table", action="store_true", help="print the README table (fixed configurations)")
+    parser.add_argument("--measure_cpu", metavar="TEACHER_DIR", default=None,
+                        help="instead: measure what Paddle keeps for a G step's student forward and discriminator "
+                             "g_loss on CPU (fp32, this --resolution/--batch_size/--lora_rank, teacher from "
+                             "make_tiny_sd3.py), with and without frozen_linear, next to the tracer's numbers")
     parser.add_argument("--verify_counts", action="store_true",
                         help="also build SD3-medium's transformer and VAE under paddle.LazyGuard and compare counts")
     args = parser.parse_args(argv)
     if args.resolution % (VAE_FACTOR * int(SD3_MEDIUM_TRANSFORMER["patch_size"])):
         parser.error("--resolution must be a multiple of 16")
 
+    if args.measure_cpu:
+        print(f"{'graph':<22}{'frozen_linear':>14}{'measured MB':>13}{'traced MB':>11}")
+        summary = {}
+        for frozen in (False, True):
+            result = measure_g_step_on_cpu(args.measure_cpu, args.resolution, args.batch_size, args.lora_rank, frozen)
+            summary["frozen_linear" if frozen else "upstream"] = result
+            for name, measured in result["measured_bytes"].items():
+                print(f"{name:<22}{'on' if frozen else 'off':>14}{measured / 2**20:>13.1f}"
+                      f"{result['traced_bytes'][name] / 2**20:>11.1f}")
+        print(json.dumps(summary))
+        return 0
     summary = {"kappa": round(KAPPA, 4), "headroom": HEADROOM}
     ref = {k: step_budget(implementation="reference", gradient_checkpointing=ck)["peak_gib"]
            for k, ck in (("no_checkpointing", False), ("gradient_checkpointing", True))}
