@@ -66,7 +66,9 @@ VAE_FACTOR = 8
 # The PyTorch reference measured on one H100 80GB (SD3-medium, 1024 px, batch 2, fp16, rank 32, SDPA):
 REFERENCE_MEASURED_GIB = {"no_checkpointing": 57.2, "gradient_checkpointing": 41.2}
 HEADROOM = 0.10  # keep 10% of a card free for the allocator's fragmentation and the CUDA context
-CARDS_GIB = {"40GB": 40.0, "80GB": 80.0}  # A100 40GB: 40960 MiB; A100 80GB: 81920 MiB (H100 80GB: 81559 MiB)
+# A100 40GB: 40960 MiB; L40S / RTX 6000 Ada / A6000 48GB: 46068 MiB usable (45 GiB); A100 80GB: 81920 MiB
+# (H100 80GB: 81559 MiB)
+CARDS_GIB = {"40GB": 40.0, "48GB": 45.0, "80GB": 80.0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,7 +603,7 @@ def _nograd_working_set(batch, tokens, width, heads, act_bytes, attention):
 
 def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp16", gradient_checkpointing=False,
                 implementation="ours", share_teacher_weights=False, attention="auto", text_encoders_on_gpu=True,
-                kappa=None, config=None, peft_cast=None) -> dict:
+                kappa=None, config=None, peft_cast=None, frozen_linear=True) -> dict:
     """Peak GPU memory (bytes) of one training step, with the static part itemised.
 
     implementation 'ours' (this Paddle trainer) or 'reference' (the PyTorch script that was measured)."""
@@ -635,7 +637,8 @@ def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp
 
     # ---- traced activations
     def tracer(dropout_train=False):
-        return Trace(engine, amp, lp_bytes, attention, dropout_train=dropout_train, peft_cast=peft_cast)
+        return Trace(engine, amp, lp_bytes, attention, dropout_train=dropout_train, peft_cast=peft_cast,
+                     frozen_linear=frozen_linear)
 
     student_train = implementation == "reference" or gradient_checkpointing  # ours: train() only with ckpt
     teacher_train = implementation == "ours" and gradient_checkpointing
@@ -760,18 +763,19 @@ def _row(label, result) -> dict:
         "share_teacher_weights": result["share_teacher_weights"],
         "static_gib": round(result["static_total_bytes"] / GiB, 1),
         "peak_gib": round(result["peak_gib"], 1), "peak_phase": result["peak_phase"],
-        "fits_40GB": ok["40GB"], "fits_80GB": ok["80GB"],
+        **{f"fits_{card}": ok[card] for card in CARDS_GIB},
     }
 
 
 def print_rows(rows, out=sys.stdout):
-    header = f"{'configuration':<40} {'px':>5} {'B':>2} {'ckpt':>4} {'static':>7} {'peak':>7}  {'40GB':<4} {'80GB':<4} peak phase"
+    cards = "".join(f"{card:<5}" for card in CARDS_GIB)
+    header = f"{'configuration':<40} {'px':>5} {'B':>2} {'ckpt':>4} {'static':>7} {'peak':>7}  {cards}peak phase"
     print(header, file=out)
     print("-" * len(header), file=out)
     for r in rows:
         print(f"{r['label']:<40} {r['resolution']:>5} {r['batch_size']:>2} {'yes' if r['gradient_checkpointing'] else 'no':>4} "
-              f"{r['static_gib']:>7.1f} {r['peak_gib']:>7.1f}  {'yes' if r['fits_40GB'] else 'no':<4} "
-              f"{'yes' if r['fits_80GB'] else 'no':<4} {r['peak_phase']}", file=out)
+              f"{r['static_gib']:>7.1f} {r['peak_gib']:>7.1f}  "
+              + "".join(f"{'yes' if r[f'fits_{card}'] else 'no':<5}" for card in CARDS_GIB) + r["peak_phase"], file=out)
 
 
 def main(argv=None) -> int:
@@ -791,6 +795,8 @@ def main(argv=None) -> int:
                         help="dtype our LoRA layers return. result = the base layer's (PyTorch peft; ppdiffusers.peft "
                              "with paddle_compat); input = what-if without paddle_compat's shim (the fp32 LayerNorm "
                              "output's, so the student's stream and attention run in fp32)")
+    parser.add_argument("--no_frozen_linear", action="store_true",
+                        help="what-if without frozen_linear (frozen Linear layers keep their input, Paddle's default)")
     parser.add_argument("--table", action="store_true", help="print the README table (fixed configurations)")
     parser.add_argument("--measure_cpu", metavar="TEACHER_DIR", default=None,
                         help="instead: measure what Paddle keeps for a G step's student forward and discriminator "
@@ -828,12 +834,13 @@ def main(argv=None) -> int:
             result = step_budget(resolution=res, batch_size=bs, lora_rank=args.lora_rank if ours else 32,
                                  mixed_precision=args.mixed_precision if ours else "fp16", gradient_checkpointing=ck,
                                  implementation=impl, share_teacher_weights=share, attention=args.attention,
-                                 peft_cast=args.peft_cast if ours else None)
+                                 peft_cast=args.peft_cast if ours else None, frozen_linear=not args.no_frozen_linear)
             rows.append(_row(label, result))
         print(f"SD3-medium, ours: {args.mixed_precision}, LoRA rank {args.lora_rank}, attention {args.attention}"
-              f"{', what-if --peft_cast input (no compat shim)' if args.peft_cast == 'input' else ''}; reference: fp16, rank 32; "
+              f"{', what-if --peft_cast input (no compat shim)' if args.peft_cast == 'input' else ''}"
+              f"{', what-if without frozen_linear' if args.no_frozen_linear else ''}; reference: fp16, rank 32; "
               f"kappa {KAPPA:.4f}")
-        print(f"peak GiB per GPU (allocated); fits = peak <= {1 - HEADROOM:.0%} of a 40 / 80 GiB card "
+        print(f"peak GiB per GPU (allocated); fits = peak <= {1 - HEADROOM:.0%} of the card "
               f"({HEADROOM:.0%} left for allocator fragmentation and the CUDA context)")
         print_rows(rows)
         summary["rows"] = rows
@@ -841,7 +848,7 @@ def main(argv=None) -> int:
         result = step_budget(resolution=args.resolution, batch_size=args.batch_size, lora_rank=args.lora_rank,
                              mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                              implementation=args.implementation, share_teacher_weights=args.share_teacher_weights,
-                             attention=args.attention,
+                             attention=args.attention, frozen_linear=not args.no_frozen_linear,
                              peft_cast=args.peft_cast if args.implementation == "ours" else None)
         label = args.implementation + (" --share_teacher_weights" if result["share_teacher_weights"] else "")
         print_rows([_row(label, result)])
