@@ -73,7 +73,9 @@ VAE_FACTOR = 8
 # The PyTorch reference measured on one H100 80GB (SD3-medium, 1024 px, batch 2, fp16, rank 32, SDPA):
 REFERENCE_MEASURED_GIB = {"no_checkpointing": 57.2, "gradient_checkpointing": 41.2}
 HEADROOM = 0.10  # keep 10% of a card free for the allocator's fragmentation and the CUDA context
-CARDS_GIB = {"40GB": 40.0, "80GB": 80.0}  # A100 40GB: 40960 MiB; A100 80GB: 81920 MiB (H100 80GB: 81559 MiB)
+# A100 40GB: 40960 MiB; L40S / RTX 6000 Ada / A6000 48GB: 46068 MiB usable (45 GiB); A100 80GB: 81920 MiB
+# (H100 80GB: 81559 MiB)
+CARDS_GIB = {"40GB": 40.0, "48GB": 45.0, "80GB": 80.0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +238,71 @@ def verify_counts_lazily() -> dict:
                             norm_num_groups=32, **SD3_VAE)
     return {"transformer": (count(transformer), transformer_parameter_count(SD3_MEDIUM_TRANSFORMER)),
             "vae": (count(vae), vae_parameter_count(SD3_VAE))}
+
+
+def measure_g_step_on_cpu(teacher_dir: str, resolution: int, batch: int, rank: int, frozen_linear: bool) -> dict:
+    """What Paddle keeps for backward in a G step's two graphs (fp32, CPU, real models from ``teacher_dir``):
+    the student forward (LoRA) and the discriminator's ``g_loss`` through the frozen teacher, measured with
+    the host allocator and traced, with frozen Linear layers routed through ``frozen_linear`` or not."""
+    import gc
+    import json
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import paddle_compat  # noqa: F401  (before ppdiffusers)
+    import paddle
+    from paddle.base import core
+    from ppdiffusers import SD3Transformer2DModel
+
+    import frozen_linear as frozen_linear_module
+    import pcm_lora
+    from discriminator import Discriminator
+
+    def load():
+        model = SD3Transformer2DModel.from_pretrained(teacher_dir, subfolder="transformer")
+        for param in model.parameters():
+            param.stop_gradient = True
+        return model.eval()
+
+    def kept(fn):
+        gc.collect()
+        before = core.host_memory_stat_current_value("Allocated", 0)
+        out = fn()
+        return core.host_memory_stat_current_value("Allocated", 0) - before - int(out.numel()) * out.element_size()
+
+    with open(os.path.join(teacher_dir, "transformer", "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    latent = resolution // VAE_FACTOR
+    paddle.seed(0)
+    sample = paddle.randn([batch, int(config["in_channels"]), latent, latent])
+    kwargs = dict(timestep=paddle.full([batch], 500.0),
+                  encoder_hidden_states=paddle.randn([batch, TEXT_TOKENS, int(config["joint_attention_dim"])]),
+                  pooled_projections=paddle.randn([batch, int(config["pooled_projection_dim"])]))
+    student = load()
+    pcm_lora.add_pcm_lora(student, rank)
+    fake = sample.clone()
+    fake.stop_gradient = False
+    disc = Discriminator(load())
+    previous = paddle.nn.Linear.forward
+    paddle.nn.Linear.forward = (frozen_linear_module.linear_forward if frozen_linear
+                                else frozen_linear_module._UPSTREAM_FORWARD)
+    try:
+        measured = {"student forward": kept(lambda: student(hidden_states=sample, **kwargs).sample),
+                    "discriminator g_loss": kept(lambda: disc("g_loss", fake, kwargs["timestep"],
+                                                              kwargs["encoder_hidden_states"],
+                                                              kwargs["pooled_projections"]))}
+    finally:
+        paddle.nn.Linear.forward = previous
+    traced = {}
+    for role, name in (("student", "student forward"), ("backbone", "discriminator g_loss")):
+        tr = Trace("paddle", amp=False, attention="math", frozen_linear=frozen_linear)
+        out = trace_transformer(tr, config, batch=batch, resolution=resolution, role=role, rank=rank,
+                                input_dt="f32", input_grad=role == "backbone", embeds_dt="f32", weight_dt="f32",
+                                lora="active" if role == "student" else None)
+        if role == "backbone":
+            trace_heads(tr, out["features"], _width(config))
+        traced[name] = tr.saved_bytes()
+    return {"measured_bytes": measured, "traced_bytes": traced}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,7 +639,7 @@ def _nograd_working_set(batch, tokens, width, heads, act_bytes, attention):
 
 def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp16", gradient_checkpointing=False,
                 implementation="ours", share_teacher_weights=False, attention="auto", text_encoders_on_gpu=True,
-                kappa=None, config=None, peft_cast=None) -> dict:
+                kappa=None, config=None, peft_cast=None, frozen_linear=True) -> dict:
     """Peak GPU memory (bytes) of one training step, with the static part itemised.
 
     implementation 'ours' (this Paddle trainer) or 'reference' (the PyTorch script that was measured)."""
@@ -606,7 +673,8 @@ def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp
 
     # ---- traced activations
     def tracer(dropout_train=False):
-        return Trace(engine, amp, lp_bytes, attention, dropout_train=dropout_train, peft_cast=peft_cast)
+        return Trace(engine, amp, lp_bytes, attention, dropout_train=dropout_train, peft_cast=peft_cast,
+                     frozen_linear=frozen_linear)
 
     student_train = implementation == "reference" or gradient_checkpointing  # ours: train() only with ckpt
     teacher_train = implementation == "ours" and gradient_checkpointing
@@ -736,18 +804,19 @@ def _row(label, result) -> dict:
         "share_teacher_weights": result["share_teacher_weights"],
         "static_gib": round(result["static_total_bytes"] / GiB, 1),
         "peak_gib": round(result["peak_gib"], 1), "peak_phase": result["peak_phase"],
-        "fits_40GB": ok["40GB"], "fits_80GB": ok["80GB"],
+        **{f"fits_{card}": ok[card] for card in CARDS_GIB},
     }
 
 
 def print_rows(rows, out=sys.stdout):
-    header = f"{'configuration':<40} {'px':>5} {'B':>2} {'ckpt':>4} {'static':>7} {'peak':>7}  {'40GB':<4} {'80GB':<4} peak phase"
+    cards = "".join(f"{card:<5}" for card in CARDS_GIB)
+    header = f"{'configuration':<40} {'px':>5} {'B':>2} {'ckpt':>4} {'static':>7} {'peak':>7}  {cards}peak phase"
     print(header, file=out)
     print("-" * len(header), file=out)
     for r in rows:
         print(f"{r['label']:<40} {r['resolution']:>5} {r['batch_size']:>2} {'yes' if r['gradient_checkpointing'] else 'no':>4} "
-              f"{r['static_gib']:>7.1f} {r['peak_gib']:>7.1f}  {'yes' if r['fits_40GB'] else 'no':<4} "
-              f"{'yes' if r['fits_80GB'] else 'no':<4} {r['peak_phase']}", file=out)
+              f"{r['static_gib']:>7.1f} {r['peak_gib']:>7.1f}  "
+              + "".join(f"{'yes' if r[f'fits_{card}'] else 'no':<5}" for card in CARDS_GIB) + r["peak_phase"], file=out)
 
 
 def main(argv=None) -> int:
@@ -769,13 +838,30 @@ def main(argv=None) -> int:
                              "output's, so the student's stream and attention run in fp32)")
     parser.add_argument("--transformer", default="sd3-medium", choices=sorted(TRANSFORMERS),
                         help="teacher transformer (published config; text encoders and VAE are the same for all)")
+    parser.add_argument("--no_frozen_linear", action="store_true",
+                        help="what-if without frozen_linear (frozen Linear layers keep their input, Paddle's default)")
     parser.add_argument("--table", action="store_true", help="print the README table (fixed configurations)")
+    parser.add_argument("--measure_cpu", metavar="TEACHER_DIR", default=None,
+                        help="instead: measure what Paddle keeps for a G step's student forward and discriminator "
+                             "g_loss on CPU (fp32, this --resolution/--batch_size/--lora_rank, teacher from "
+                             "make_tiny_sd3.py), with and without frozen_linear, next to the tracer's numbers")
     parser.add_argument("--verify_counts", action="store_true",
                         help="also build SD3-medium's transformer and VAE under paddle.LazyGuard and compare counts")
     args = parser.parse_args(argv)
     if args.resolution % (VAE_FACTOR * int(SD3_MEDIUM_TRANSFORMER["patch_size"])):
         parser.error("--resolution must be a multiple of 16")
 
+    if args.measure_cpu:
+        print(f"{'graph':<22}{'frozen_linear':>14}{'measured MB':>13}{'traced MB':>11}")
+        summary = {}
+        for frozen in (False, True):
+            result = measure_g_step_on_cpu(args.measure_cpu, args.resolution, args.batch_size, args.lora_rank, frozen)
+            summary["frozen_linear" if frozen else "upstream"] = result
+            for name, measured in result["measured_bytes"].items():
+                print(f"{name:<22}{'on' if frozen else 'off':>14}{measured / 2**20:>13.1f}"
+                      f"{result['traced_bytes'][name] / 2**20:>11.1f}")
+        print(json.dumps(summary))
+        return 0
     summary = {"kappa": round(KAPPA, 4), "headroom": HEADROOM}
     ref = {k: step_budget(implementation="reference", gradient_checkpointing=ck)["peak_gib"]
            for k, ck in (("no_checkpointing", False), ("gradient_checkpointing", True))}
@@ -791,13 +877,14 @@ def main(argv=None) -> int:
             result = step_budget(resolution=res, batch_size=bs, lora_rank=args.lora_rank if ours else 32,
                                  mixed_precision=args.mixed_precision if ours else "fp16", gradient_checkpointing=ck,
                                  implementation=impl, share_teacher_weights=share, attention=args.attention,
-                                 peft_cast=args.peft_cast if ours else None,
+                                 peft_cast=args.peft_cast if ours else None, frozen_linear=not args.no_frozen_linear,
                                  config=TRANSFORMERS[transformer[0]] if transformer else None)
             rows.append(_row(label, result))
         print(f"SD3-medium, ours: {args.mixed_precision}, LoRA rank {args.lora_rank}, attention {args.attention}"
-              f"{', what-if --peft_cast input (no compat shim)' if args.peft_cast == 'input' else ''}; reference: fp16, rank 32; "
+              f"{', what-if --peft_cast input (no compat shim)' if args.peft_cast == 'input' else ''}"
+              f"{', what-if without frozen_linear' if args.no_frozen_linear else ''}; reference: fp16, rank 32; "
               f"kappa {KAPPA:.4f}")
-        print(f"peak GiB per GPU (allocated); fits = peak <= {1 - HEADROOM:.0%} of a 40 / 80 GiB card "
+        print(f"peak GiB per GPU (allocated); fits = peak <= {1 - HEADROOM:.0%} of the card "
               f"({HEADROOM:.0%} left for allocator fragmentation and the CUDA context)")
         print_rows(rows)
         summary["rows"] = rows
@@ -805,7 +892,7 @@ def main(argv=None) -> int:
         result = step_budget(resolution=args.resolution, batch_size=args.batch_size, lora_rank=args.lora_rank,
                              mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                              implementation=args.implementation, share_teacher_weights=args.share_teacher_weights,
-                             attention=args.attention, config=TRANSFORMERS[args.transformer],
+                             attention=args.attention, config=TRANSFORMERS[args.transformer], frozen_linear=not args.no_frozen_linear,
                              peft_cast=args.peft_cast if args.implementation == "ours" else None)
         label = args.implementation + ("" if args.transformer == "sd3-medium" else f" {args.transformer}") \
             + (" --share_teacher_weights" if result["share_teacher_weights"] else "")
