@@ -22,6 +22,7 @@ from pcm_fm_deterministic_scheduler import PCMFMDeterministicScheduler  # noqa: 
 from pcm_fm_stochastic_scheduler import PCMFMStochasticScheduler  # noqa: E402
 from tracking import quiet_library_logging  # noqa: E402
 from validation import SEED_PROMPT  # noqa: E402
+from hub_teacher import HubTeacherUnavailable, check_hub_teacher  # noqa: E402
 from convert_lora import lora_file_scale  # noqa: E402  (scripts/ is this script's own folder)
 
 
@@ -46,6 +47,10 @@ def main(argv=None) -> None:
     p.add_argument("--output", default="pcm.png", help="PNG path; with several prompts, -0, -1 ... are appended")
     args = p.parse_args(argv)
 
+    try:
+        check_hub_teacher(args.pretrained_teacher_model)
+    except HubTeacherUnavailable as error:
+        raise SystemExit(f"error: {error}") from None
     lora_scale = None
     if args.lora:
         lora_scale = args.lora_scale if args.lora_scale is not None else lora_file_scale(args.lora)
