@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -33,6 +32,7 @@ import paddle.distributed as dist  # noqa: E402
 import checkpointing  # noqa: E402
 from data import DEFAULT_MAX_MEMBER_BYTES  # noqa: E402
 import frozen_linear  # noqa: E402
+from hub_teacher import HUB_ID, HubTeacherUnavailable, check_hub_teacher  # noqa: E402
 import pcm_lora  # noqa: E402
 import run_control  # noqa: E402
 from tracking import Trackers, quiet_library_logging, recordable_args, resolve_trackers  # noqa: E402
@@ -183,9 +183,6 @@ def warn_ignored_flags(args, log) -> None:
 # ----------------------------------------------------------------------------------------------
 # Checks made before any model is loaded
 # ----------------------------------------------------------------------------------------------
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def _read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -195,6 +192,10 @@ def teacher_geometry(path: str) -> dict:
     """Numbers the checks need from a local teacher folder (defaults of SD3-medium for a hub id)."""
     if not os.path.exists(path):
         if HUB_ID.match(path):
+            try:
+                check_hub_teacher(path)
+            except HubTeacherUnavailable as error:
+                raise ArgumentError(str(error)) from None
             return {"vae_factor": 8, "patch_size": 2, "num_train_timesteps": 1000}
         raise ArgumentError(f"--pretrained_teacher_model: {path} does not exist (give an SD3 folder in diffusers layout or a hub id)")
     needed = ["model_index.json", "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json"]

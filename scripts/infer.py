@@ -23,6 +23,7 @@ from pcm_fm_stochastic_scheduler import PCMFMStochasticScheduler  # noqa: E402
 from safe_pdparams import UnsafeFileError, is_safetensors, load_pdparams  # noqa: E402
 from tracking import quiet_library_logging  # noqa: E402
 from validation import SEED_PROMPT  # noqa: E402
+from hub_teacher import HubTeacherUnavailable, check_hub_teacher  # noqa: E402
 from convert_lora import lora_file_scale  # noqa: E402  (scripts/ is this script's own folder)
 
 
@@ -49,6 +50,10 @@ def main(argv=None) -> None:
     if args.lora and os.path.isfile(args.lora) and not is_safetensors(args.lora):
         load_pdparams(args.lora)  # a crafted pickle is refused before the pipeline loads (load_lora_weights reads it so too)
 
+    try:
+        check_hub_teacher(args.pretrained_teacher_model)
+    except HubTeacherUnavailable as error:
+        raise SystemExit(f"error: {error}") from None
     lora_scale = None
     if args.lora:
         lora_scale = args.lora_scale if args.lora_scale is not None else lora_file_scale(args.lora)

@@ -151,3 +151,27 @@ def test_invalid_step_count(steps):
 def test_set_timesteps_prints_nothing(capsys):
     PCMFMDeterministicScheduler(1000, 3.0, 50).set_timesteps(4)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("euler, phases, pcm, coincide", [
+    (100, 4, 100, [True, True, True]),   # the seed run sampled with PCMFMDeterministicScheduler(1000, 3, 100)
+    (100, 4, 50, [False, True, False]),  # ... with the README snippet's 50: ceil(j*50/4)/50 = 0.26, 0.5, 0.76
+    (50, 4, 50, [False, True, False]),   # floor(j*50/4)/50 = 0.24, 0.5, 0.74 vs ceil: 0.26, 0.5, 0.76
+    (100, 4, 200, [True, True, True]),   # P divides N and Q: both grids hold j/P
+    (100, 2, 50, [True]),
+    (50, 8, 200, [False, False, False, True, False, False, False]),  # 8 does not divide 50: floor(j*50/8)/50 != j/8
+])
+def test_one_step_per_phase_lands_on_the_trained_phase_ends_when_both_grids_have_them(euler, phases, pcm, coincide):
+    """With num_inference_steps = --multiphase, the sampler's intermediate sigmas are the trained phase ends
+    (sigma_prev at each phase start, where the student's jumps land) exactly where both grids have the point."""
+    from ppdiffusers import FlowMatchEulerDiscreteScheduler
+
+    from pcm_solver import EulerSolver
+
+    teacher = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    solver = EulerSolver(teacher.sigmas.numpy()[::-1][:1000].copy(), euler, phases)
+    phase_ends = solver.sigmas_prev.numpy()[solver.phase_starts[1:]][::-1]  # descending, j = P-1 .. 1
+    sampler = PCMFMDeterministicScheduler(1000, 3.0, pcm)
+    sampler.set_timesteps(phases)
+    visited = sampler.sigmas.numpy()[1:-1]  # after the first point (sigma 1), before the final 0
+    assert list(np.isclose(visited, phase_ends, rtol=0, atol=1e-6)) == coincide[::-1]

@@ -251,6 +251,22 @@ def test_help_shows_defaults_and_lists_the_ignored_reference_flags():
     assert every_flag == set(entries) | ignored_flags | {"--help"}  # nothing hidden
 
 
+def test_hub_id_without_network_or_cache_is_one_line_saying_where_it_looked(tmp_path):
+    """No network: ppdiffusers' BOS endpoint is pointed at a closed local port (fails at once, cannot hang)."""
+    hub_id = "stabilityai/stable-diffusion-3-medium-diffusers"
+    env = {"PPNLP_HOME": str(tmp_path / "home"), "PPNLP_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}
+    command = ["train_pcm_lora_sd3_adv.py", "--pretrained_teacher_model", hub_id, "--data_path", str(tmp_path / "none")]
+    result = run_python(command, env=env, timeout=120)
+    cache = tmp_path / "home" / "ppdiffusers" / hub_id
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    for part in (f"--pretrained_teacher_model {hub_id}", str(cache), "http://127.0.0.1:9/", "pass its folder"):
+        assert part in result.stderr
+    cache.mkdir(parents=True)
+    (cache / "model_index.json").write_text("{}")  # in ppdiffusers' cache: the run goes on to the next check
+    result = run_python(command, env=env, timeout=120)
+    assert result.returncode == 2 and "--data_path" in result.stderr and hub_id not in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_share_teacher_weights_equals_a_separate_fp32_teacher_in_fp32(tiny_sd3, tiny_cc3m, tmp_path, checkpointing):
     """In fp32 the student's frozen base (LoRA off) is the teacher, weight for weight: same run, bit for bit,
