@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Measure how well a PCM LoRA turns the toy teacher into a few-step generator.
+
+    python scripts/evaluate_pcm.py --teacher DIR/teacher [--lora FILE_OR_RUN_DIR] [--steps 1 2 4] --output GRID.png
+
+For a fixed set of toy-world prompts and initial noises (``scripts/make_toy_teacher.py``) the reference is
+the teacher's 50-step classifier-free-guided sample from the same noise (its own scheduler). Against it, for
+the teacher's own n-step samples (same scheduler and guidance) and, with ``--lora``, the student's n-step
+samples (``PCMFMDeterministicScheduler`` with the run's ``--num_euler_timesteps`` grid, the run's LoRA scale
+alpha/rank, guidance 1: the teacher's guidance is distilled into the LoRA), it reports the latent MSE, the
+pixel PSNR and the caption adherence (share of colour, shape and background read back from pixels by
+``make_toy_teacher.classify``). The guidance scale of the teacher is 1 + w (the trainer's w is
+``v_c + w (v_c - v_u)``), by default the middle of the run's ``[--w_min, --w_max]``.
+
+The grid has one row per prompt (first noise): teacher 50 steps | teacher n | PCM n ... for n in
+descending ``--steps`` (without ``--lora``: the teacher's columns only). The last printed line is JSON:
+``{"reference_steps", "reference_adherence", "teacher": {"n": {"mse", "psnr", "adherence"}}, "student": ...}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import paddle_compat  # noqa: E402,F401  (before ppdiffusers)
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from convert_lora import lora_scale_of_run  # noqa: E402
+from make_toy_teacher import adherence, caption, toy_attributes  # noqa: E402
+from pcm_fm_deterministic_scheduler import PCMFMDeterministicScheduler  # noqa: E402
+from tracking import quiet_library_logging  # noqa: E402
+
+REFERENCE_STEPS = 50
+
+
+def run_args(lora: str) -> dict:
+    """The training run's training_args.json beside a LoRA file or in its folder ({} if there is none)."""
+    folder = lora if os.path.isdir(lora) else os.path.dirname(os.path.abspath(lora))
+    path = os.path.join(folder, "training_args.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Sampler:
+    """One SD3 pipeline on the teacher; ``sample(steps, guidance)`` -> final latents and PIL images for the fixed
+    prompts and noises."""
+
+    def __init__(self, teacher: str, prompts: list, noises: paddle.Tensor):
+        from ppdiffusers import StableDiffusion3Pipeline
+
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(teacher, map_location="cpu", paddle_dtype=paddle.float32)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.prompts, self.noises = prompts, noises
+        self.height = noises.shape[2] * self.pipe.vae_scale_factor
+
+    @paddle.no_grad()
+    def sample(self, steps: int, guidance: float, **kwargs):
+        latents = self.pipe(prompt=self.prompts, negative_prompt=[""] * len(self.prompts), num_inference_steps=steps,
+                            guidance_scale=guidance, height=self.height, width=self.height, latents=self.noises,
+                            output_type="latent", **kwargs).images
+        vae = self.pipe.vae
+        decoded = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+        return latents.numpy(), self.pipe.image_processor.postprocess(decoded, output_type="pil")
+
+
+def metrics(latents, images, reference_latents, reference_images, attributes) -> dict:
+    mse = ((latents - reference_latents) ** 2).reshape(len(latents), -1).mean(1)
+    psnr = []
+    for image, reference in zip(images, reference_images):
+        error = ((np.asarray(image, np.float64) - np.asarray(reference, np.float64)) / 255.0) ** 2
+        psnr.append(10 * np.log10(1.0 / max(error.mean(), 1e-10)))
+    return {"mse": round(float(mse.mean()), 5), "psnr": round(float(np.mean(psnr)), 2),
+            "adherence": round(float(np.mean([adherence(i, a) for i, a in zip(images, attributes)])), 4)}
+
+
+def write_grid(path: str, columns: list, captions: list, every: int, zoom: int = 4) -> None:
+    """Rows: prompts (first noise of each); columns: ``(label, images)``; labels on top, captions on the left."""
+    tile = columns[0][1][0].width * zoom
+    label_width, header = 200, 16
+    grid = Image.new("RGB", (label_width + tile * len(columns), header + tile * len(captions)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (label, images) in enumerate(columns):
+        draw.text((label_width + c * tile + 4, 2), label, fill="black")
+        for r in range(len(captions)):
+            grid.paste(images[r * every].resize((tile, tile), Image.NEAREST), (label_width + c * tile, header + r * tile))
+    for r, text in enumerate(captions):
+        draw.text((4, header + r * tile + tile // 2 - 6), text, fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, help="the toy teacher's SD3 folder (DIR/teacher)")
+    p.add_argument("--lora", default=None, help="the PCM LoRA file, or the run's --output_dir (reads training_args.json)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="few-step counts to measure")
+    p.add_argument("--output", required=True, help="grid PNG")
+    p.add_argument("--num_prompts", type=int, default=12, help="prompts spread over the 36 toy captions")
+    p.add_argument("--noises_per_prompt", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the initial noises")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="teacher CFG scale (1 + w); default 1 + the middle of the run's [w_min, w_max], else 4")
+    p.add_argument("--pcm_timesteps", type=int, default=None, help="default: the run's --num_euler_timesteps, else 50")
+    p.add_argument("--lora_scale", type=float, default=None, help="default: the run's alpha/rank")
+    args = p.parse_args(argv)
+    for name in ("teacher", "lora"):
+        path = getattr(args, name)
+        if path is not None and not os.path.exists(path):
+            print(f"evaluate_pcm.py: error: --{name} {path} does not exist", file=sys.stderr)
+            return 2
+    if not os.path.isfile(os.path.join(args.teacher, "model_index.json")):
+        print(f"evaluate_pcm.py: error: --teacher {args.teacher} is not an SD3 folder (no model_index.json)", file=sys.stderr)
+        return 2
+    quiet_library_logging()
+    trained = run_args(args.lora) if args.lora else {}
+    guidance = args.guidance_scale
+    if guidance is None:
+        guidance = 1.0 + (trained["w_min"] + trained["w_max"]) / 2 if trained else 4.0
+
+    every = args.noises_per_prompt
+    attributes = [a for a in toy_attributes()[:: max(1, len(toy_attributes()) // args.num_prompts)][: args.num_prompts]
+                  for _ in range(every)]
+    prompts = [caption(*a) for a in attributes]
+    with open(os.path.join(args.teacher, "transformer", "config.json"), encoding="utf-8") as f:
+        size = json.load(f)["sample_size"]
+    noises = paddle.to_tensor(np.random.default_rng(args.seed).standard_normal((len(prompts), 16, size, size)).astype("float32"))
+    sampler = Sampler(args.teacher, prompts, noises)
+    reference_latents, reference_images = sampler.sample(REFERENCE_STEPS, guidance)
+    result = {"reference_steps": REFERENCE_STEPS, "reference_adherence": metrics(
+        reference_latents, reference_images, reference_latents, reference_images, attributes)["adherence"],
+        "teacher": {}, "guidance_scale": guidance, "samples": len(prompts)}
+    steps = sorted(set(args.steps), reverse=True)
+    columns = [(f"teacher {REFERENCE_STEPS}", reference_images)]
+    for n in steps:
+        latents, images = sampler.sample(n, guidance)
+        result["teacher"][str(n)] = metrics(latents, images, reference_latents, reference_images, attributes)
+        if n == max(steps) or not args.lora:
+            columns.append((f"teacher {n}", images))
+    if args.lora:
+        pcm_timesteps = args.pcm_timesteps or trained.get("num_euler_timesteps", 50)
+        scale = args.lora_scale if args.lora_scale is not None else lora_scale_of_run(args.lora)
+        if scale is None:
+            print("evaluate_pcm.py: error: --lora_scale: no training_args.json beside the LoRA; give alpha/rank", file=sys.stderr)
+            return 2
+        shift = float(sampler.pipe.scheduler.config.shift)
+        sampler.pipe.scheduler = PCMFMDeterministicScheduler(1000, shift, pcm_timesteps)
+        sampler.pipe.load_lora_weights(args.lora)
+        result.update(student={}, lora_scale=scale, pcm_timesteps=pcm_timesteps)
+        for n in steps:
+            latents, images = sampler.sample(n, 1.0, joint_attention_kwargs={"scale": scale})
+            result["student"][str(n)] = metrics(latents, images, reference_latents, reference_images, attributes)
+            columns.append((f"PCM {n}", images))
+    write_grid(args.output, columns, prompts[::every], every)
+    print(f"grid: {args.output}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
