@@ -33,7 +33,7 @@ def quiet_library_logging() -> None:
     logging.getLogger("PaddleNLP").setLevel(logging.WARNING)
 
 
-SECRET_NAME = re.compile(r"token|secret|passw|api_?key|credential|(^|_)key$", re.IGNORECASE)
+SECRET_NAME = re.compile(r"(^|_)(token|secret|password|passwd|pass|api_?key|key|credentials?|auth)(_|$)", re.IGNORECASE)
 """Flag and environment variable names that hold credentials (hub_token, WANDB_API_KEY, HF_TOKEN, ...)."""
 REDACTED = "<redacted>"
 

@@ -8,6 +8,7 @@ Public API (see each module for details):
 * :func:`count_image_samples` - samples with an image, from tar headers (epoch size).
 * :class:`DataTracker` - skip counters, throughput and resume state from batches.
 * :class:`SkipCounter`, :func:`aggregate_skip_counts`, :data:`SKIP_REASONS`.
+* :data:`DEFAULT_MAX_MEMBER_BYTES` - default of ``--max_member_bytes`` (larger members are skipped unread).
 * :class:`DataPathError` - ``--data_path`` holds nothing usable.
 """
 
