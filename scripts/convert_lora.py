@@ -48,7 +48,8 @@ def read(path: str, source: str = "input"):
             raise SystemExit(f"error: {source} {path} holds {len(files)} .safetensors files; name the file")
         path = os.path.join(path, files[0])
     if path.endswith(".pdparams"):
-        raise SystemExit(f"error: {source} {path}: .pdparams is not read here; use the .safetensors file the trainer writes beside it")
+        raise SystemExit(f"error: {source} {path}: .pdparams files are not read (unpickling a file you were handed is "
+                         "unsafe); use a .safetensors LoRA, e.g. the one the trainer writes beside its .pdparams copy")
     try:
         with safe_open(path, framework="np") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -180,7 +181,7 @@ def to_paddle(tensors: dict, folded_scale: float, halved: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--to", required=True, choices=["diffusers", "paddle"])
     p.add_argument("input", help="LoRA .safetensors file (or a folder holding one)")
     p.add_argument("output", help="output .safetensors file")
