@@ -148,12 +148,13 @@ def diffusers_default_scale(path: str, tensors: dict, metadata: dict) -> tuple:
 
 
 def lora_file_scale(path: str) -> float:
-    """The ``joint_attention_kwargs`` scale for loading ``path`` into ppdiffusers as it is: Paddle files as
-    above; a diffusers file (ppdiffusers reads it too) at what diffusers applies by default."""
+    """The ``joint_attention_kwargs`` scale for a Paddle-format LoRA file (see ``paddle_file_scale``).
+    ppdiffusers 0.29 fails on diffusers-format SD3 LoRAs (matmul shape error), so those are refused."""
     tensors, metadata = read(path, source="--lora")
     _check_lora(tensors, path)
     if layout_of(metadata) == "pytorch":
-        return diffusers_default_scale(path, tensors, metadata)[0]
+        raise SystemExit(f"error: --lora {path} is in diffusers (PyTorch) format, which ppdiffusers 0.29 cannot load "
+                         "for SD3; convert it first: python scripts/convert_lora.py --to paddle IN OUT")
     return paddle_file_scale(path, tensors, metadata)[0]
 
 
@@ -187,7 +188,7 @@ def to_paddle(tensors: dict, folded_scale: float, halved: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--to", required=True, choices=["diffusers", "paddle"])
     p.add_argument("input", help="LoRA .safetensors or .pdparams file (or a folder holding one .safetensors)")
     p.add_argument("output", help="output .safetensors file")

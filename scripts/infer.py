@@ -30,7 +30,8 @@ from convert_lora import lora_file_scale  # noqa: E402  (scripts/ is this script
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_teacher_model", required=True, help="SD3 folder or hub id")
-    p.add_argument("--lora", default=None, help="LoRA .safetensors/.pdparams file or a folder with one (none: the teacher)")
+    p.add_argument("--lora", default=None, help="Paddle-format LoRA .safetensors file or a folder with one (none: the "
+                   "teacher); diffusers files: convert with scripts/convert_lora.py --to paddle first")
     p.add_argument("--prompt", action="append", default=None, help="repeatable; default: the seed's portrait prompt")
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--num_inference_steps", type=int, default=4)
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
     p.add_argument("--scheduler", choices=["deterministic", "stochastic"], default="deterministic")
     p.add_argument("--lora_scale", type=float, default=None,
                    help="default: the scale recorded in the file by convert_lora.py, else 8 / the weights' rank "
-                        "(the trainer's alpha/rank: 0.25 for rank 32); a diffusers file: its lora_alpha/r, else 1.0")
+                        "(the trainer's alpha/rank: 0.25 for rank 32)")
     p.add_argument("--guidance_scale", type=float, default=1.2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--height", type=int, default=None)

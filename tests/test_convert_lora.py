@@ -151,3 +151,15 @@ def test_rejects_files_that_are_not_loras(tmp_path):
     save_file({"weight": np.zeros([2, 2], np.float32)}, str(tmp_path / "model.safetensors"))
     result = run_python(["scripts/convert_lora.py", "--to", "diffusers", str(tmp_path / "model.safetensors"), str(tmp_path / "o.safetensors")])
     assert result.returncode != 0 and "not a LoRA file" in result.stderr
+
+
+def test_infer_refuses_a_diffusers_file_in_one_line(our_lora, tmp_path):
+    """ppdiffusers 0.29 cannot load diffusers-format SD3 LoRAs (a matmul shape error), so infer.py's scale
+    lookup stops first and says how to convert."""
+    from convert_lora import lora_file_scale
+
+    out = str(tmp_path / "pt.safetensors")
+    convert("--to", "diffusers", our_lora, out)
+    with pytest.raises(SystemExit) as stop:
+        lora_file_scale(out)
+    assert "--to paddle" in str(stop.value) and len(str(stop.value).splitlines()) == 1
