@@ -58,12 +58,14 @@ def final_weights(out):
 
 
 STEPS = 12
+_REFERENCES = {}  # module level: test_preemption imports the fixture, and both modules share these runs
 
 
 @pytest.fixture(scope="session")
 def reference_weights(tiny_sd3, resume_data, tmp_path_factory):
-    """``reference_weights(workers)``: final weights of an uninterrupted 2-rank run of STEPS steps (run once)."""
-    cache = {}
+    """``reference_weights(workers)``: final weights of an uninterrupted 2-rank run of STEPS steps (run once;
+    the data is a pure function of its seed, so every copy of ``resume_data`` gives the same run)."""
+    cache = _REFERENCES
 
     def get(workers):
         if workers not in cache:

@@ -18,14 +18,14 @@ import train_pcm_lora_sd3_adv as trainer
 
 
 def start_job(tiny_sd3, data, out, log_dir, workers):
-    """The 2-rank job of test_checkpointing, started and run past its first checkpoint (step 3)."""
+    """The 2-rank job of test_checkpointing, started and run for 2 of its STEPS steps."""
     proc = subprocess.Popen(launch_cmd(tiny_sd3, data, out, log_dir, STEPS, workers), cwd=REPO, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics, deadline = out / "logs" / "metrics.jsonl", time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            pytest.fail(f"job ended or hung before step 4:\n{proc.communicate()[0][-3000:]}")
+            pytest.fail(f"job ended or hung before step 2:\n{proc.communicate()[0][-3000:]}")
         time.sleep(0.05)
     tree = psutil.Process(proc.pid).children(recursive=True)
     ranks = [p for p in tree if p.ppid() == proc.pid]
@@ -39,10 +39,11 @@ def assert_all_gone(processes, within: float):
 
 
 def stopped_at(out) -> int:
-    """The step of the stop checkpoint: the newest, complete and intact, not the end of the run."""
+    """The step of the stop checkpoint: the newest, complete and intact, not the end of the run; before it only
+    the periodic ones (every 3 steps)."""
     steps = [s for s, _ in checkpointing.list_checkpoints(str(out))]
     assert not (out / "paddle_lora_weights.safetensors").exists(), "the run finished before the signal"
-    assert steps[0] == 3 and 3 < steps[-1] < STEPS and len(steps) <= 3, steps  # 3 (and 6/9 if reached), then the stop
+    assert 2 <= steps[-1] < STEPS and all(s % 3 == 0 for s in steps[:-1]), steps
     checkpointing.read_checkpoint_state(str(out / f"checkpoint-{steps[-1]}"))
     return steps[-1]
 
@@ -50,12 +51,14 @@ def stopped_at(out) -> int:
 @pytest.mark.parametrize("target,workers", [("launcher", 2), ("every process", 0)])
 def test_sigterm_stops_cleanly_and_resume_is_exact(tiny_sd3, resume_data, reference_weights, tmp_path, capsys,
                                                    target, workers):
+    """(Exact resume with 0 workers from a checkpoint at any step is test_sigkill_then_resume...[0]; the resume
+    runs here only for 2 workers, to keep the suite's time.)"""
     out = tmp_path / "run"
     proc, ranks, tree = start_job(tiny_sd3, resume_data, out, tmp_path / "l1", workers)
-    # a second job on the same --output_dir is refused, before loading anything, naming the running one
-    assert trainer.main(launch_cmd(tiny_sd3, resume_data, out, tmp_path / "x", STEPS, 0)[8:-2]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "is in use by a running job" in err and f"pid {ranks[0].pid}," in err
+    if target == "launcher":  # a second job on the same --output_dir is refused, before loading anything
+        assert trainer.main(launch_cmd(tiny_sd3, resume_data, out, tmp_path / "x", STEPS, 0)[8:-2]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is in use by a running job" in err and f"pid {ranks[0].pid}," in err
 
     for process in [psutil.Process(proc.pid)] + (tree if target == "every process" else []):
         process.send_signal(signal.SIGTERM)
@@ -65,7 +68,8 @@ def test_sigterm_stops_cleanly_and_resume_is_exact(tiny_sd3, resume_data, refere
     assert_all_gone(tree, within=10)
     step = stopped_at(out)
     assert f"stop requested (SIGTERM): saved {out}/checkpoint-{step}" in console  # on the console, not only in the log
-
+    if workers == 0:
+        return
     logs = resume_to_the_end(tiny_sd3, resume_data, out, tmp_path / "l2", workers)
     assert f"resumed from {out}/checkpoint-{step} at step {step}" in logs
     assert_same_weights(reference_weights(workers), final_weights(out))
