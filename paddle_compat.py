@@ -27,6 +27,9 @@ measured in ENVIRONMENT.md and three more found while building the trainer:
    LayerNorm outputs, so the student's whole residual stream would turn fp32 (about 6.6 GiB more
    activations at 1024 px, batch 2: see ``scripts/memory_budget.py``). Same values in fp32 runs.
 
+Before ``import paddle`` it also sets the CPU fast-path settings (MKL's AVX2 path on AMD CPUs, no strided-copy
+kernels on CPU-only builds; see "CPU fast path" below and the README), never overriding a user's value.
+
 ``apply()`` is idempotent and each shim is a no-op where it is not needed.
 It also sets ``USE_PEFT_BACKEND=True`` (the seed snippet's setting) unless the
 user chose otherwise, before ppdiffusers is first imported.
