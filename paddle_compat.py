@@ -38,6 +38,9 @@ measured in ENVIRONMENT.md and five more found while building the trainer:
    safetensors now goes through ``safe_pdparams.load_pdparams`` (an allow-list unpickler that reads only a
    Paddle state dict of tensors and refuses anything else with ``UnsafeFileError``).
 
+Before ``import paddle`` it also sets the CPU fast-path settings (MKL's AVX2 path on AMD CPUs, no strided-copy
+kernels on CPU-only builds; see "CPU fast path" below and the README), never overriding a user's value.
+
 ``apply()`` is idempotent and each shim is a no-op where it is not needed.
 It also sets ``USE_PEFT_BACKEND=True`` (the seed snippet's setting) unless the
 user chose otherwise, before ppdiffusers is first imported.
