@@ -5,11 +5,11 @@
 #      (huber, w in [3, 4], 100 Euler points, 4 phases, adversarial loss on; rank 16, lr 1e-3, STEPS steps)
 #   3. scripts/evaluate_pcm.py: teacher 1/2/4 steps and PCM 1/2/4 steps against the teacher's 50-step samples
 # Writes OUT/pcm-lora/ (the run), OUT/toy_distill_grid.png and OUT/evaluation.json; the last line printed is
-# the evaluation JSON. OUT defaults to ./toy-distill-output; STEPS (default 120) overrides the step count.
+# the evaluation JSON. OUT defaults to ./toy-distill-output; STEPS (default 600) overrides the step count.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 OUT="$(realpath -m "${1:-$REPO/toy-distill-output}")"
-STEPS="${STEPS:-120}"
+STEPS="${STEPS:-600}"
 mkdir -p "$OUT"
 cd "$REPO"
 export PYTHONWARNINGS=ignore
