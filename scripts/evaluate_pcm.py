@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="few-step counts to measure")
     p.add_argument("--output", required=True, help="grid PNG")
     p.add_argument("--num_prompts", type=int, default=12, help="prompts spread over the 36 toy captions")
-    p.add_argument("--noises_per_prompt", type=int, default=4)
+    p.add_argument("--noises_per_prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234, help="seed of the initial noises")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="teacher CFG scale (1 + w); default 1 + the middle of the run's [w_min, w_max], else 4")

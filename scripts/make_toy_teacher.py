@@ -11,8 +11,8 @@ another (red, green, blue, yellow), with a little random jitter of position and 
 Writes ``DIR/data/`` (webdataset shards of png + txt + json, the trainer's ``--data_path``),
 ``DIR/teacher/`` (the diffusers SD3 layout of ``scripts/make_tiny_sd3.py``, built by it, then its VAE
 and transformer trained here: the VAE for reconstruction, the transformer with SD3's rectified-flow
-objective and 10 % caption dropout so that classifier-free guidance works; the text encoders stay
-random) and ``DIR/toy_teacher.json`` (the arguments and the sha256 of every file written).
+objective and 10 % caption dropout so that classifier-free guidance works, then the VAE decoder alone on
+the frozen encoder's latents for sharper images in the same latent space; the text encoders stay random) and ``DIR/toy_teacher.json`` (the arguments and the sha256 of every file written).
 
 Deterministic for a seed (single-threaded CPU): two builds are byte-identical. A re-run with the
 same arguments whose files still match their sha256 reuses them; ``--verify`` rebuilds in a temporary
@@ -303,6 +303,9 @@ def build(output_dir: str, options: dict, log=print) -> dict:
     train_transformer(transformer, vae, pixels, embeds, pooled, uncond, caption_index, options["transformer_steps"],
                       options["batch_size"], options["transformer_lr"], float(scheduler_config["shift"]), log)
     save_trained(transformer, teacher, "transformer")
+    paddle.seed(seed + 30)
+    train_decoder(vae, pixels, options["decoder_steps"], options["batch_size"], options["decoder_lr"], log)
+    save_trained(vae, teacher, "vae")
     manifest = {"options": options, "build_seconds": round(time.time() - started, 1), "sha256": file_hashes(output_dir)}
     with open(os.path.join(output_dir, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
@@ -329,6 +332,8 @@ def main(argv=None) -> int:
     p.add_argument("--vae_steps", type=int, default=300)
     p.add_argument("--vae_lr", type=float, default=2e-3)
     p.add_argument("--transformer_steps", type=int, default=1000)
+    p.add_argument("--decoder_steps", type=int, default=600, help="VAE decoder fine-tuning after the transformer")
+    p.add_argument("--decoder_lr", type=float, default=3e-3)
     p.add_argument("--transformer_lr", type=float, default=1e-3)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--verify", action="store_true",

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Quick start on CPU: the whole job end to end on the embedded default, in about a minute.
+# Quick start on CPU: the whole job end to end on the toy teacher, in a few minutes.
 #   1. set up the venv (first run: installs requirements.txt)
-#   2. build the tiny random SD3 teacher and tiny CC3M-style webdataset shards
+#   2. the toy SD3 teacher that generates coloured shapes, and its webdataset shards (assets/toy-teacher, committed;
+#      rebuilt by scripts/make_toy_teacher.py if missing)
 #   3. train with the seed's launch command shape: paddle.distributed.launch, 2 CPU ranks, every seed flag
-#      (fp32 instead of fp16, tiny sizes, wandb offline unless WANDB_MODE says otherwise)
-#   4. generate an image from the trained LoRA with the PCM scheduler (the seed inference snippet)
+#      (fp32 instead of fp16, toy sizes and learning rate, wandb offline unless WANDB_MODE says otherwise)
+#   4. the image to look at: the teacher's 4-step samples next to the distilled 4-step samples (scripts/evaluate_pcm.py),
+#      and one image from the trained LoRA with the PCM scheduler (the seed inference snippet, scripts/infer.py)
 # Everything goes to ./quickstart-output (or $1).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
@@ -14,29 +16,35 @@ cd "$REPO"
 export PYTHONWARNINGS=ignore
 export WANDB_MODE="${WANDB_MODE:-offline}"   # --report_to wandb as in the seed command, logged locally
 
-[ -f "$OUT/tiny-sd3/model_index.json" ] || "$PY" scripts/make_tiny_sd3.py --output_dir "$OUT/tiny-sd3" --seed 0 > /dev/null 2>&1
-[ -d "$OUT/cc3m" ] || "$PY" scripts/make_tiny_cc3m.py --output_dir "$OUT/cc3m" --num_shards 4 --samples_per_shard 16 --seed 0 > /dev/null
-echo "teacher: $OUT/tiny-sd3   data: $OUT/cc3m"
+TOY="$REPO/assets/toy-teacher"
+if [ ! -f "$TOY/toy_teacher.json" ]; then
+  TOY="$OUT/toy"
+  "$PY" scripts/make_toy_teacher.py --output_dir "$TOY" > /dev/null 2>&1
+fi
+PROMPT="a red circle on a blue background"
+echo "teacher: $TOY/teacher   data: $TOY/data"
 
 "$PY" -u -m paddle.distributed.launch --nproc_per_node 2 --log_dir "$OUT/launch-logs" train_pcm_lora_sd3_adv.py \
-    --data_path "$OUT/cc3m" \
-    --pretrained_teacher_model "$OUT/tiny-sd3" \
-    --output_dir "$OUT/lora_tiny_PCM_sd3" \
-    --tracker_project_nam "lora_tiny_PCM_sd3" \
+    --data_path "$TOY/data" \
+    --text_embedding_cache_size 64 \
+    --pretrained_teacher_model "$TOY/teacher" \
+    --output_dir "$OUT/lora_toy_PCM_sd3" \
+    --tracker_project_nam "lora_toy_PCM_sd3" \
     --mixed_precision "no" \
-    --resolution "128" \
+    --resolution "32" \
     --lora_rank "32" \
-    --learning_rate "5e-6" \
+    --learning_rate "1e-3" \
     --loss_type "huber" \
     --adam_weight_decay "1e-3" \
-    --max_train_steps "20" \
+    --max_train_steps "60" \
     --dataloader_num_workers "1" \
     --w_min "4" \
     --w_max "5" \
     --validation_steps "1000" \
-    --checkpointing_steps "10" \
+    --validation_prompt "$PROMPT" \
+    --checkpointing_steps "30" \
     --checkpoints_total_limit "10" \
-    --train_batch_size "2" \
+    --train_batch_size "8" \
     --gradient_accumulation_steps "1" \
     --resume_from_checkpoint "latest" \
     --seed "453645634" \
@@ -46,7 +54,9 @@ echo "teacher: $OUT/tiny-sd3   data: $OUT/cc3m"
     --adv_lr "1e-5" \
     --report_to wandb
 
-"$PY" scripts/infer.py --pretrained_teacher_model "$OUT/tiny-sd3" \
-    --lora "$OUT/lora_tiny_PCM_sd3/paddle_lora_weights.safetensors" \
-    --num_inference_steps 4 --pcm_timesteps 100 --output "$OUT/pcm_4step.png" 2>/dev/null | tail -n 1
-echo "LoRA: $OUT/lora_tiny_PCM_sd3/paddle_lora_weights.safetensors   image: $OUT/pcm_4step.png"
+"$PY" scripts/evaluate_pcm.py --teacher "$TOY/teacher" --lora "$OUT/lora_toy_PCM_sd3" --steps 4 --num_prompts 6 \
+    --noises_per_prompt 2 --output "$OUT/teacher_vs_pcm_4step.png" 2>/dev/null | tail -n 1
+"$PY" scripts/infer.py --pretrained_teacher_model "$TOY/teacher" --lora "$OUT/lora_toy_PCM_sd3" --prompt "$PROMPT" \
+    --num_inference_steps 4 --pcm_timesteps 100 --guidance_scale 1 --output "$OUT/pcm_4step.png" 2>/dev/null > /dev/null
+echo "LoRA: $OUT/lora_toy_PCM_sd3/paddle_lora_weights.safetensors"
+echo "image: $OUT/teacher_vs_pcm_4step.png (teacher 50 steps | teacher 4 steps | PCM 4 steps; JSON above: latent MSE to the 50-step samples)"

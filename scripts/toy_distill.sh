@@ -2,7 +2,7 @@
 # Does it distil? The demonstration on 2 CPU ranks, one command:
 #   1. the toy teacher (assets/toy-teacher, committed; else built by scripts/make_toy_teacher.py into OUT/toy)
 #   2. PCM distillation with the seed command's flags scaled down to the toy world
-#      (huber, w in [3, 4], 100 Euler points, 4 phases, adversarial loss on; rank 16, lr 5e-4, STEPS steps)
+#      (huber, w in [3, 4], 100 Euler points, 4 phases, adversarial loss on; rank 16, lr 1e-3, STEPS steps)
 #   3. scripts/evaluate_pcm.py: teacher 1/2/4 steps and PCM 1/2/4 steps against the teacher's 50-step samples
 # Writes OUT/pcm-lora/ (the run), OUT/toy_distill_grid.png and OUT/evaluation.json; the last line printed is
 # the evaluation JSON. OUT defaults to ./toy-distill-output; STEPS (default 600) overrides the step count.
@@ -24,11 +24,12 @@ echo "toy teacher: $TOY" >&2
 "$PY" -u -m paddle.distributed.launch --nproc_per_node 2 --log_dir "$OUT/launch-logs" train_pcm_lora_sd3_adv.py \
     --pretrained_teacher_model "$TOY/teacher" \
     --data_path "$TOY/data" \
+    --text_embedding_cache_size 64 \
     --output_dir "$OUT/pcm-lora" \
     --mixed_precision no \
     --resolution 32 \
     --lora_rank 16 \
-    --learning_rate 5e-4 \
+    --learning_rate 1e-3 \
     --lr_scheduler constant \
     --loss_type huber \
     --adam_weight_decay 1e-3 \

@@ -1,4 +1,6 @@
-"""The README's first command, as written: scripts/quickstart.sh end to end (2 CPU ranks, then an image)."""
+"""The README's first command, as written: scripts/quickstart.sh end to end (2 CPU ranks on the toy teacher, then the
+teacher's and the distilled 4-step samples side by side)."""
+import json
 import os
 import subprocess
 import sys
@@ -13,9 +15,14 @@ def test_quickstart_script(tmp_path):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     out = tmp_path / "qs"
-    assert (out / "lora_tiny_PCM_sd3" / "paddle_lora_weights.safetensors").is_file()
-    assert (out / "lora_tiny_PCM_sd3" / "checkpoint-20").is_dir()
-    assert (out / "lora_tiny_PCM_sd3" / "validation" / "step-20.png").is_file()
+    run = out / "lora_toy_PCM_sd3"
+    assert (run / "paddle_lora_weights.safetensors").is_file()
+    assert (run / "checkpoint-30").is_dir() and (run / "checkpoint-60").is_dir()
+    assert (run / "validation" / "step-60.png").is_file()
     with Image.open(out / "pcm_4step.png") as image:
-        assert image.size == (256, 256)
-    assert f"image: {out}/pcm_4step.png" in result.stdout
+        assert image.size == (32, 32)
+    with Image.open(out / "teacher_vs_pcm_4step.png") as grid:  # 3 columns (teacher 50 | teacher 4 | PCM 4), 6 rows
+        assert grid.size == (200 + 3 * 128, 16 + 6 * 128)
+    evaluation = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert set(evaluation["teacher"]) == set(evaluation["student"]) == {"4"}
+    assert f"image: {out}/teacher_vs_pcm_4step.png" in result.stdout
