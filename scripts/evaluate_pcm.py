@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from convert_lora import lora_scale_of_run  # noqa: E402
+from convert_lora import lora_file_scale  # noqa: E402  (the scale infer.py uses: from the weights' rank and metadata)
 from make_toy_teacher import adherence, caption, toy_attributes  # noqa: E402
 from pcm_fm_deterministic_scheduler import PCMFMDeterministicScheduler  # noqa: E402
 from tracking import quiet_library_logging  # noqa: E402
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="teacher CFG scale (1 + w); default 1 + the middle of the run's [w_min, w_max], else 4")
     p.add_argument("--pcm_timesteps", type=int, default=None, help="default: the run's --num_euler_timesteps, else 50")
-    p.add_argument("--lora_scale", type=float, default=None, help="default: the run's alpha/rank")
+    p.add_argument("--lora_scale", type=float, default=None, help="default: what scripts/infer.py uses (alpha / the weights' rank, or the scale recorded in the file)")
     args = p.parse_args(argv)
     for name in ("teacher", "lora"):
         path = getattr(args, name)
@@ -146,10 +146,7 @@ def main(argv=None) -> int:
             columns.append((f"teacher {n}", images))
     if args.lora:
         pcm_timesteps = args.pcm_timesteps or trained.get("num_euler_timesteps", 50)
-        scale = args.lora_scale if args.lora_scale is not None else lora_scale_of_run(args.lora)
-        if scale is None:
-            print("evaluate_pcm.py: error: --lora_scale: no training_args.json beside the LoRA; give alpha/rank", file=sys.stderr)
-            return 2
+        scale = args.lora_scale if args.lora_scale is not None else lora_file_scale(args.lora)
         shift = float(sampler.pipe.scheduler.config.shift)
         sampler.pipe.scheduler = PCMFMDeterministicScheduler(1000, shift, pcm_timesteps)
         sampler.pipe.load_lora_weights(args.lora)
