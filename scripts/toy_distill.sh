@@ -2,14 +2,14 @@
 # Does it distil? The demonstration on 2 CPU ranks, one command:
 #   1. the toy teacher (assets/toy-teacher, committed; else built by scripts/make_toy_teacher.py into OUT/toy)
 #   2. PCM distillation with the seed command's flags scaled down to the toy world
-#      (huber, w in [3, 4], 100 Euler points, 4 phases, adversarial loss on; rank 16, lr 1e-3, STEPS steps)
+#      (huber, w in [3, 4], 100 Euler points, 4 phases, adversarial loss on; rank 16, lr 1e-3 with cosine decay, STEPS steps)
 #   3. scripts/evaluate_pcm.py: teacher 1/2/4 steps and PCM 1/2/4 steps against the teacher's 50-step samples
 # Writes OUT/pcm-lora/ (the run), OUT/toy_distill_grid.png and OUT/evaluation.json; the last line printed is
-# the evaluation JSON. OUT defaults to ./toy-distill-output; STEPS (default 600) overrides the step count.
+# the evaluation JSON. OUT defaults to ./toy-distill-output; STEPS (default 1200) overrides the step count.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 OUT="$(realpath -m "${1:-$REPO/toy-distill-output}")"
-STEPS="${STEPS:-600}"
+STEPS="${STEPS:-1200}"
 mkdir -p "$OUT"
 cd "$REPO"
 export PYTHONWARNINGS=ignore
@@ -30,7 +30,8 @@ echo "toy teacher: $TOY" >&2
     --resolution 32 \
     --lora_rank 16 \
     --learning_rate 1e-3 \
-    --lr_scheduler constant \
+    --lr_scheduler cosine \
+    --lr_warmup_steps 0 \
     --loss_type huber \
     --adam_weight_decay 1e-3 \
     --max_train_steps "$STEPS" \
