@@ -1,5 +1,5 @@
-"""The fast path: paddle_compat's CPU settings, frozen_linear and the discriminator's recomputed heads, each with
-the same results as without."""
+"""The fast path: paddle_compat's CPU settings and the memory savings (frozen_linear's frozen Linear layers and
+shared LoRA inputs, the discriminator's recomputed heads), each with the same results as without."""
 import json
 import os
 
@@ -10,6 +10,7 @@ from conftest import run_python
 from safetensors.numpy import load_file
 
 import frozen_linear
+import memory_budget
 import paddle_compat
 import train_pcm_lora_sd3_adv as trainer
 
@@ -45,29 +46,32 @@ def test_cpu_settings_reach_paddle_and_child_processes():
 def test_each_saving_keeps_less_as_the_tracer_counts(tiny_sd3):
     """A step's graphs (student forward, discriminator g_loss through the frozen teacher, d_loss), measured with
     Paddle's host allocator (scripts/memory_budget.py --measure_cpu) as each saving is switched on: the tracer
-    matches every time; frozen_linear keeps less in the student and g_loss, head recompute in g_loss and d_loss."""
-    import memory_budget as mb
+    matches every time; frozen_linear keeps less in the student and g_loss, head recompute in g_loss and d_loss,
+    the shared LoRA input in the student."""
+    mb = memory_budget
 
     if not paddle.get_device().startswith("cpu"):
         pytest.skip("the measurement reads Paddle's host (CPU) allocator statistics")
-    results = {name: mb.measure_g_step_on_cpu(tiny_sd3, 128, 2, 4, frozen, recompute)
-               for name, frozen, recompute in mb.MEASURED_SAVINGS}
+    results = {name: mb.measure_g_step_on_cpu(tiny_sd3, 128, 2, 4, *switches) for name, *switches in mb.MEASURED_SAVINGS}
     for name, result in results.items():
         for graph, measured in result["measured_bytes"].items():
             # 2 %, or 4 KiB: what the tiny d_loss keeps with recomputed heads is 64 KiB, near the small tensors
             # (time and pooled embeddings) the tracer leaves out
             assert result["traced_bytes"][graph] == pytest.approx(measured, rel=0.02, abs=4096), (name, graph)
-    upstream, frozen, recomputed = (results[name]["measured_bytes"] for name, _, _ in mb.MEASURED_SAVINGS)
+    upstream, frozen, recomputed, shared = (results[name]["measured_bytes"] for name, *_ in mb.MEASURED_SAVINGS)
     assert frozen["student forward"] < upstream["student forward"]
     assert frozen["discriminator g_loss"] < upstream["discriminator g_loss"]
     assert recomputed["discriminator g_loss"] < frozen["discriminator g_loss"]
     assert recomputed["discriminator d_loss"] < frozen["discriminator d_loss"]
+    assert shared["student forward"] < recomputed["student forward"]
 
 
-@pytest.mark.parametrize("saving", ["frozen_linear", "head_recompute"])
-def test_saving_gives_bit_identical_gradients(tiny_sd3, monkeypatch, saving):
+@pytest.mark.parametrize("step", [1, 2, 3], ids=lambda i: memory_budget.MEASURED_SAVINGS[i][0])
+def test_saving_gives_bit_identical_gradients(tiny_sd3, monkeypatch, step):
     """Student (LoRA) forward plus the discriminator's g_loss through the frozen teacher, backward, and the
-    d_loss's head gradients, with and without the saving: same losses, same LoRA and head gradients, bit for bit."""
+    d_loss's head gradients, with and without a saving (on top of those before it, as the trainer runs them):
+    same losses, same LoRA and head gradients, bit for bit. (The shared LoRA input without frozen_linear, which
+    the trainer never runs, sums the input's gradient contributions in another order: last-bit differences.)"""
     from conftest import add_random_lora, load_frozen_transformer
 
     from discriminator import Discriminator
@@ -96,7 +100,7 @@ def test_saving_gives_bit_identical_gradients(tiny_sd3, monkeypatch, saving):
     results = {}
     for on in (False, True):
         with monkeypatch.context() as patch:
-            _switch(patch, saving, on)
+            _switch(patch, *memory_budget.MEASURED_SAVINGS[step - 1 + on][1:])
             results[on] = run()
     assert results[True][0] == results[False][0]
     for with_, without in zip(results[True][1], results[False][1]):
@@ -105,21 +109,20 @@ def test_saving_gives_bit_identical_gradients(tiny_sd3, monkeypatch, saving):
     assert any(np.abs(g).max() > 0 for g in results[True][1][:len(lora)])
 
 
-def _switch(patch, saving, on):
-    """Turn one saving on or off for this test (the trainer has both on)."""
+def _switch(patch, frozen, head_recompute, share_lora_input):
+    """Turn the savings on or off for this test (the trainer has all on)."""
     from discriminator import Discriminator
 
-    if saving == "frozen_linear":
-        patch.setattr(paddle.nn.Linear, "forward", frozen_linear.linear_forward if on else frozen_linear._UPSTREAM_FORWARD)
-        if not on:
-            patch.setattr(frozen_linear, "install", lambda: False)
-    else:
-        patch.setattr(Discriminator, "recompute_heads", on)
+    patch.setattr(paddle.nn.Linear, "forward", frozen_linear.linear_forward if frozen else frozen_linear._UPSTREAM_FORWARD)
+    if not frozen:
+        patch.setattr(frozen_linear, "install", lambda: False)
+    patch.setattr(Discriminator, "recompute_heads", head_recompute)
+    patch.setattr(frozen_linear, "SHARE_LORA_INPUT", share_lora_input)
 
 
-@pytest.mark.parametrize("saving", ["frozen_linear", "head_recompute"])
-def test_training_is_bit_identical_with_and_without_each_saving(tiny_sd3, tmp_path, monkeypatch, saving):
-    """Two D and two G steps in fp32 (seed-command loss and solver flags): same logged losses, same LoRA."""
+def test_training_is_bit_identical_with_and_without_the_savings(tiny_sd3, tmp_path, monkeypatch):
+    """Two D and two G steps in fp32 (seed-command loss and solver flags), all savings off and all on (each one
+    alone: the gradient test above): same logged losses, same LoRA."""
     from make_tiny_cc3m import make_tiny_cc3m
 
     data = str(tmp_path / "data")
@@ -133,9 +136,9 @@ def test_training_is_bit_identical_with_and_without_each_saving(tiny_sd3, tmp_pa
                 "--loss_type", "huber", "--num_euler_timesteps", "100", "--multiphase", "4"]
         with monkeypatch.context() as patch:
             patch.setattr(paddle.nn.Linear, "forward", frozen_linear._UPSTREAM_FORWARD)
-            _switch(patch, saving, installed)
+            _switch(patch, installed, installed, installed)
             assert trainer.main(argv) == 0
-            assert (paddle.nn.Linear.forward is frozen_linear.linear_forward) == (installed or saving != "frozen_linear")
+            assert (paddle.nn.Linear.forward is frozen_linear.linear_forward) == installed
         rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
         losses = [{k: v for k, v in row.items() if k.endswith("loss")} for row in rows]
         runs.append((losses, load_file(str(out / "paddle_lora_weights.safetensors"))))
