@@ -13,9 +13,9 @@ through :class:`FrozenWeightLinear`: the same forward op, and a backward that is
 Every other call (trainable weights, no-grad passes, frozen inputs) runs ``nn.Linear.forward`` unchanged.
 
 :func:`lora_down` is the LoRA down-projection (``lora_A``) of ``paddle_compat``'s LoRA ``Linear.forward``
-through :class:`LoraDown`, which keeps the layer input itself (one tensor that ``to_q``, ``to_k`` and ``to_v``
-share, in its own, under AMP low-precision, dtype) instead of each layer's fp32 copy, and casts it again in
-backward: the same values, bit-identical results (tested in fp32).
+through :class:`LoraDown`, which keeps the layer input once in the matmul's dtype (in fp32 the input itself;
+under autocast one low-precision copy that ``to_q``, ``to_k`` and ``to_v`` share) instead of each layer's own
+copies: the same values, bit-identical results (tested in fp32).
 """
 from __future__ import annotations
 

@@ -302,7 +302,7 @@ def _patch_sd3_prompt_truncation() -> bool:
 def lora_linear_forward(self, x, *args, **kwargs):
     """``ppdiffusers.peft`` LoRA ``Linear.forward`` with PyTorch PEFT's dtype rule: the LoRA branch runs in
     the adapter weights' dtype and the sum is returned in the base layer's result dtype. The down-projection
-    keeps its input once, in the input's dtype (``frozen_linear.lora_down``)."""
+    keeps its input once, in the matmul's dtype (``frozen_linear.lora_down``)."""
     from frozen_linear import lora_down
 
     if self.disable_adapters and self.merged:

@@ -109,6 +109,17 @@ def test_saving_gives_bit_identical_gradients(tiny_sd3, monkeypatch, step):
     assert any(np.abs(g).max() > 0 for g in results[True][1][:len(lora)])
 
 
+def test_lora_input_copy_is_made_once_per_tensor():
+    """Under autocast (GPU) LoraDown keeps the low-precision copy of its input: to_q, to_k and to_v, called with
+    the same tensor, share one copy, with autocast's values; in the matmul's own dtype the input itself."""
+    x = paddle.randn([2, 8, 32])
+    copy = frozen_linear._in_dtype(x, paddle.float16)
+    assert frozen_linear._in_dtype(x, paddle.float16) is copy and copy.dtype == paddle.float16
+    np.testing.assert_array_equal(copy.numpy(), x.cast(paddle.float16).numpy())
+    assert frozen_linear._in_dtype(x * 1, paddle.float16) is not copy
+    assert frozen_linear._in_dtype(x, paddle.float32) is x
+
+
 def _switch(patch, frozen, head_recompute, share_lora_input):
     """Turn the savings on or off for this test (the trainer has all on)."""
     from discriminator import Discriminator
