@@ -17,6 +17,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from paddle.autograd import PyLayer
+
 from paddle_compat import run_joint_blocks
 from pcm_lora import FrozenBaseView
 
@@ -42,6 +44,33 @@ class DiscriminatorHead(nn.Layer):
         return self.conv_out(x)
 
 
+class RecomputedHead(PyLayer):
+    """A head run without keeping its activations: forward keeps only the block feature (which exists anyway,
+    as the next block's input or the D step's detached feature) and recomputes the head in backward, one head
+    at a time, giving the gradients of its parameters (and of the feature when it needs one). Same kernels in
+    the same order as a plain backward, so the same bits (tested in fp32); costs one more head forward.
+    The parameters are inputs so that their gradients accumulate as usual (also under DataParallel)."""
+
+    @staticmethod
+    def forward(ctx, head, grid_height, grid_width, tokens, *params):
+        ctx.head, ctx.grid = head, (grid_height, grid_width)
+        ctx.save_for_backward(tokens)
+        with paddle.no_grad():
+            return head(tokens, grid_height, grid_width)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (tokens,) = ctx.saved_tensor()
+        x = tokens.detach()
+        x.stop_gradient = tokens.stop_gradient
+        params = [p for p in ctx.head.parameters() if not p.stop_gradient]
+        with paddle.set_grad_enabled(True):
+            out = ctx.head(x, *ctx.grid)
+        inputs = ([] if x.stop_gradient else [x]) + params
+        grads = paddle.grad([out], inputs, [grad_output])
+        return tuple(([None] if x.stop_gradient else []) + grads)
+
+
 def block_features(backbone, sample, timestep, encoder_hidden_states, pooled_projections) -> list:
     """Image-token hidden states ``[B, H/p * W/p, C]`` after every block of an SD3 transformer.
 
@@ -60,8 +89,11 @@ class Discriminator(nn.Layer):
     """Heads on the frozen backbone's block features, with the hinge losses of PCM.
 
     Call through ``forward(mode, ...)`` (``"d_loss"``, ``"g_loss"`` or ``"logits"``) so that a
-    ``paddle.DataParallel`` wrapper sees every use of the heads.
+    ``paddle.DataParallel`` wrapper sees every use of the heads. Each head runs as a :class:`RecomputedHead`
+    (``recompute_heads = False``: as a plain layer, keeping its activations; same results).
     """
+
+    recompute_heads = True
 
     def __init__(self, backbone, num_heads_per_block: int = 1):
         super().__init__()
@@ -84,7 +116,10 @@ class Discriminator(nn.Layer):
         features = block_features(self.backbone, sample, timestep, encoder_hidden_states, pooled_projections)
         if len(features) != len(self.heads):
             raise ValueError(f"backbone gave {len(features)} block features for {len(self.heads)} head groups")
-        return [head(feature, grid_h, grid_w) for feature, group in zip(features, self.heads) for head in group]
+        if not self.recompute_heads:
+            return [head(feature, grid_h, grid_w) for feature, group in zip(features, self.heads) for head in group]
+        return [RecomputedHead.apply(head, grid_h, grid_w, feature, *[p for p in head.parameters() if not p.stop_gradient])
+                for feature, group in zip(features, self.heads) for head in group]
 
     def d_loss(self, fake, real, timestep, encoder_hidden_states, pooled_projections) -> paddle.Tensor:
         """``sum_heads [mean(relu(1 + D(fake))) + mean(relu(1 - D(real)))] / #heads`` on detached samples.

@@ -11,8 +11,15 @@ frozen base layers inside the student's LoRA layers (see ``scripts/memory_budget
 through :class:`FrozenWeightLinear`: the same forward op, and a backward that is the op Paddle's own
 ``matmul`` backward runs for the input, so losses and gradients are bit-identical (tested in fp32).
 Every other call (trainable weights, no-grad passes, frozen inputs) runs ``nn.Linear.forward`` unchanged.
+
+:func:`lora_down` is the LoRA down-projection (``lora_A``) of ``paddle_compat``'s LoRA ``Linear.forward``
+through :class:`LoraDown`, which keeps the layer input once in the matmul's dtype (in fp32 the input itself;
+under autocast one low-precision copy that ``to_q``, ``to_k`` and ``to_v`` share) instead of each layer's own
+copies: the same values, bit-identical results (tested in fp32).
 """
 from __future__ import annotations
+
+import weakref
 
 import paddle
 import paddle.nn.functional as F
@@ -35,6 +42,60 @@ class FrozenWeightLinear(PyLayer):
         (weight,) = ctx.saved_tensor()
         grad_input = paddle.matmul(grad_output, weight.astype(grad_output.dtype), transpose_y=True)
         return grad_input.astype(ctx.input_dtype)
+
+
+class LoraDown(PyLayer):
+    """``F.linear(x.cast(weight.dtype), weight)`` (a LoRA ``lora_A`` without bias) that saves ``x`` in the
+    matmul's dtype - ``x`` itself in fp32, under autocast one low-precision copy per input tensor, shared by the
+    layers that read it - instead of each layer's own copies; backward runs the ops Paddle's ``matmul``
+    backward runs, casting the gradients back as the casts' backward does."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        out = F.linear(x.cast(weight.dtype), weight)
+        ctx.compute_dtype = out.dtype  # the weight's, or autocast's low-precision dtype
+        ctx.input_dtype, ctx.input_needs_grad = x.dtype, not x.stop_gradient
+        ctx.save_for_backward(_in_dtype(x, out.dtype), weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensor()
+        dtype = ctx.compute_dtype
+        rows = x.reshape([-1, weight.shape[0]])
+        grad_weight = paddle.matmul(rows, grad_output.reshape([-1, weight.shape[1]]), transpose_x=True)
+        grad_weight = grad_weight.cast(weight.dtype)
+        if not ctx.input_needs_grad:
+            return None, grad_weight
+        grad_input = paddle.matmul(grad_output, weight.cast(dtype), transpose_y=True)
+        return grad_input.cast(weight.dtype).cast(ctx.input_dtype), grad_weight
+
+
+_last_copy = [lambda: None, lambda: None]  # weak references: the last input cast by _in_dtype, and its copy
+
+
+def _in_dtype(x, dtype):
+    """``x`` cast to ``dtype`` (the same values as autocast's cast), made once for consecutive calls with the same
+    tensor (to_q, to_k, to_v), held weakly here."""
+    if x.dtype == dtype:
+        return x
+    copy = _last_copy[1]()
+    if _last_copy[0]() is not x or copy is None or copy.dtype != dtype:
+        copy = x.cast(dtype)
+        _last_copy[:] = [weakref.ref(x), weakref.ref(copy)]
+    return copy
+
+
+SHARE_LORA_INPUT = True  # False: the LoRA branch as ppdiffusers.peft runs it (for tests and measurements)
+
+
+def lora_down(lora_A, dropout, x):
+    """``lora_A(dropout(x.cast(lora_A.weight.dtype)))``, through :class:`LoraDown` when the dropout is the
+    identity (PEFT's ``lora_dropout=0``), ``lora_A`` has no bias and its weight trains."""
+    if (not SHARE_LORA_INPUT or not isinstance(dropout, paddle.nn.Identity) or lora_A.bias is not None
+            or lora_A.weight.stop_gradient or not paddle.is_grad_enabled()):
+        return lora_A(dropout(x.cast(lora_A.weight.dtype)))
+    return LoraDown.apply(x, lora_A.weight)
 
 
 def _is_frozen(param) -> bool:

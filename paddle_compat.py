@@ -301,7 +301,10 @@ def _patch_sd3_prompt_truncation() -> bool:
 # --- 6. LoRA Linear keeps the base layer's result dtype -----------------------------------
 def lora_linear_forward(self, x, *args, **kwargs):
     """``ppdiffusers.peft`` LoRA ``Linear.forward`` with PyTorch PEFT's dtype rule: the LoRA branch runs in
-    the adapter weights' dtype and the sum is returned in the base layer's result dtype."""
+    the adapter weights' dtype and the sum is returned in the base layer's result dtype. The down-projection
+    keeps its input once, in the matmul's dtype (``frozen_linear.lora_down``)."""
+    from frozen_linear import lora_down
+
     if self.disable_adapters and self.merged:
         self.unmerge()
     result = self.base_layer(x, *args, **kwargs)
@@ -312,7 +315,7 @@ def lora_linear_forward(self, x, *args, **kwargs):
         if adapter not in self.lora_A.keys():
             continue
         lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
-        branch = lora_B(lora_A(self.lora_dropout[adapter](x.cast(lora_A.weight.dtype)))) * self.scaling[adapter]
+        branch = lora_B(lora_down(lora_A, self.lora_dropout[adapter], x)) * self.scaling[adapter]
         result = result + branch.cast(result_dtype)
     return result
 

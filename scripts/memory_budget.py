@@ -240,10 +240,13 @@ def verify_counts_lazily() -> dict:
             "vae": (count(vae), vae_parameter_count(SD3_VAE))}
 
 
-def measure_g_step_on_cpu(teacher_dir: str, resolution: int, batch: int, rank: int, frozen_linear: bool) -> dict:
-    """What Paddle keeps for backward in a G step's two graphs (fp32, CPU, real models from ``teacher_dir``):
-    the student forward (LoRA) and the discriminator's ``g_loss`` through the frozen teacher, measured with
-    the host allocator and traced, with frozen Linear layers routed through ``frozen_linear`` or not."""
+def measure_g_step_on_cpu(teacher_dir: str, resolution: int, batch: int, rank: int, frozen_linear: bool,
+                          head_recompute: bool = True, share_lora_input: bool = True) -> dict:
+    """What Paddle keeps for backward in a training step's graphs (fp32, CPU, real models from ``teacher_dir``):
+    the student forward (LoRA), the discriminator's ``g_loss`` through the frozen teacher and its ``d_loss``
+    (2B batch, backbone without gradients), measured with the host allocator and traced, with frozen Linear
+    layers routed through ``frozen_linear`` or not, the heads recomputed in backward or not and the LoRA
+    down-projections keeping their shared input (``frozen_linear.lora_down``) or not."""
     import gc
     import json
     import os
@@ -283,22 +286,31 @@ def measure_g_step_on_cpu(teacher_dir: str, resolution: int, batch: int, rank: i
     fake = sample.clone()
     fake.stop_gradient = False
     disc = Discriminator(load())
+    disc.recompute_heads = head_recompute
     previous = paddle.nn.Linear.forward
+    frozen_linear_module.SHARE_LORA_INPUT = share_lora_input
     paddle.nn.Linear.forward = (frozen_linear_module.linear_forward if frozen_linear
                                 else frozen_linear_module._UPSTREAM_FORWARD)
     try:
         measured = {"student forward": kept(lambda: student(hidden_states=sample, **kwargs).sample),
                     "discriminator g_loss": kept(lambda: disc("g_loss", fake, kwargs["timestep"],
                                                               kwargs["encoder_hidden_states"],
+                                                              kwargs["pooled_projections"])),
+                    "discriminator d_loss": kept(lambda: disc("d_loss", fake, sample, kwargs["timestep"],
+                                                              kwargs["encoder_hidden_states"],
                                                               kwargs["pooled_projections"]))}
     finally:
         paddle.nn.Linear.forward = previous
+        frozen_linear_module.SHARE_LORA_INPUT = True
     traced = {}
-    for role, name in (("student", "student forward"), ("backbone", "discriminator g_loss")):
-        tr = Trace("paddle", amp=False, attention="math", frozen_linear=frozen_linear)
-        out = trace_transformer(tr, config, batch=batch, resolution=resolution, role=role, rank=rank,
-                                input_dt="f32", input_grad=role == "backbone", embeds_dt="f32", weight_dt="f32",
-                                lora="active" if role == "student" else None)
+    for role, name in (("student", "student forward"), ("backbone", "discriminator g_loss"),
+                       ("backbone", "discriminator d_loss")):
+        tr = Trace("paddle", amp=False, attention="math", frozen_linear=frozen_linear, head_recompute=head_recompute,
+                   share_lora_input=share_lora_input)
+        d_loss = name.endswith("d_loss")
+        out = trace_transformer(tr, config, batch=2 * batch if d_loss else batch, resolution=resolution, role=role,
+                                rank=rank, input_dt="f32", input_grad=name.endswith("g_loss"), embeds_dt="f32",
+                                weight_dt="f32", lora="active" if role == "student" else None)
         if role == "backbone":
             trace_heads(tr, out["features"], _width(config))
         traced[name] = tr.saved_bytes()
@@ -328,14 +340,18 @@ class Trace:
     ``dropout_train``: Paddle modules in train mode run Dropout(p=0) and keep a uint8 mask."""
 
     def __init__(self, engine: str, amp: bool, lp_bytes: int = 2, attention: str = "auto", dropout_train=False,
-                 peft_cast: str = None, frozen_linear: bool = True):
+                 peft_cast: str = None, frozen_linear: bool = True, head_recompute: bool = True,
+                 share_lora_input: bool = True):
         self.engine, self.amp, self.lp_bytes, self.attention_kind = engine, amp, lp_bytes, attention
         self.frozen_linear = frozen_linear  # frozen_linear.install(): frozen nn.Linear keeps only its weight
+        self.head_recompute = head_recompute and engine == "paddle"  # discriminator.RecomputedHead
+        self.share_lora_input = share_lora_input and engine == "paddle"  # frozen_linear.LoraDown
         # dtype a LoRA layer returns: the base layer result's (PyTorch peft, and ppdiffusers.peft with
         # paddle_compat's shim 6); "input" = ppdiffusers.peft without the shim
         self.peft_cast = peft_cast or "result"
         self.dropout_train = dropout_train and engine == "paddle"
         self.sizes, self.saved, self._next = {}, {}, 0
+        self.lora_inputs = {}  # storage id -> its copy in the LoRA matmul's dtype (share_lora_input)
 
     # -- tensors
     def nbytes(self, dt):
@@ -494,8 +510,15 @@ def _peft_linear(tr, x, fan_in, fan_out, weight_dt, lora, rank, conv=False):
         return result
     target_dt = x.dt if tr.peft_cast == "input" else result.dt
     if lora == "active":
-        xa = tr.cast(x, "f32", copy=True)  # x.cast(lora_A.weight.dtype): LoRA weights are fp32
-        a = tr.matmul(xa, tr.param(fan_in * rank, "f32", trainable=True), rows * rank)
+        if tr.share_lora_input and not conv:  # frozen_linear.LoraDown: x in the matmul's dtype, made and kept once
+            dt = "lp" if tr.amp else "f32"
+            if x.dt != dt and x.sid not in tr.lora_inputs:
+                tr.lora_inputs[x.sid] = tr.new(x.n, dt)
+            tr.keep(x if x.dt == dt else tr.lora_inputs[x.sid])
+            a = tr.new(rows * rank, dt, True)
+        else:
+            xa = tr.cast(x, "f32", copy=True)  # x.cast(lora_A.weight.dtype): LoRA weights are fp32
+            a = tr.matmul(xa, tr.param(fan_in * rank, "f32", trainable=True), rows * rank)
         b = tr.matmul(a, tr.param(rank * fan_out, "f32", trainable=True), rows * fan_out)
         result = tr.add(result, tr.scale(b))
     return tr.cast(result, target_dt)
@@ -606,9 +629,14 @@ def trace_transformer(tr, config, *, batch, resolution, role, rank=0, input_dt="
 
 
 def trace_heads(tr, features, width, *, torch_inplace=False):
-    """The discriminator heads on every block feature: returns the bytes they keep for backward."""
-    before = tr.saved_bytes()
+    """The discriminator heads on every block feature: returns the bytes they keep for backward and the
+    largest of one head's beyond its input. Every head keeps its input, the block feature (its first conv's
+    input; under ``tr.head_recompute``, this port's ``discriminator.RecomputedHead``, only that), and the rest
+    is live only while that one head is recomputed in backward."""
+    before, one_head = tr.saved_bytes(), 0
     for feature in features:
+        tr.keep(feature)
+        saved = dict(tr.saved)
         n = feature.n
         x = Trace.view(feature)  # tokens.transpose([0, 2, 1]).reshape([B, C, H, W]): views in both frameworks
 
@@ -622,7 +650,10 @@ def trace_heads(tr, features, width, *, torch_inplace=False):
         first = tr.activation(tr.group_norm(conv(x, width)), inplace=torch_inplace)
         second = tr.activation(tr.group_norm(conv(first, width)), inplace=torch_inplace)
         conv(tr.add(second, first), 1)
-    return tr.saved_bytes() - before
+        one_head = max(one_head, sum(tr.sizes[sid] for sid in tr.saved.keys() - saved.keys()))
+        if tr.head_recompute:
+            tr.saved = saved
+    return tr.saved_bytes() - before, one_head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,7 +670,8 @@ def _nograd_working_set(batch, tokens, width, heads, act_bytes, attention):
 
 def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp16", gradient_checkpointing=False,
                 implementation="ours", share_teacher_weights=False, attention="auto", text_encoders_on_gpu=True,
-                kappa=None, config=None, peft_cast=None, frozen_linear=True) -> dict:
+                kappa=None, config=None, peft_cast=None, frozen_linear=True, head_recompute=True,
+                share_lora_input=True) -> dict:
     """Peak GPU memory (bytes) of one training step, with the static part itemised.
 
     implementation 'ours' (this Paddle trainer) or 'reference' (the PyTorch script that was measured)."""
@@ -674,7 +706,7 @@ def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp
     # ---- traced activations
     def tracer(dropout_train=False):
         return Trace(engine, amp, lp_bytes, attention, dropout_train=dropout_train, peft_cast=peft_cast,
-                     frozen_linear=frozen_linear)
+                     frozen_linear=frozen_linear, head_recompute=head_recompute, share_lora_input=share_lora_input)
 
     student_train = implementation == "reference" or gradient_checkpointing  # ours: train() only with ckpt
     teacher_train = implementation == "ours" and gradient_checkpointing
@@ -689,7 +721,7 @@ def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp
                              input_dt="f32", input_grad=True, embeds_dt="f32", weight_dt=backbone_weight_dt,
                              lora=backbone_lora)
     T_full = disc_tr.saved_bytes()
-    H_g = trace_heads(disc_tr, fake["features"], d, torch_inplace=engine == "torch")
+    H_g, H_one_g = trace_heads(disc_tr, fake["features"], d, torch_inplace=engine == "torch")
     n_img, n_txt = student["n_img"], student["n_txt"]
     tokens = n_img + n_txt
 
@@ -699,8 +731,7 @@ def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp
     dpass = trace_transformer(dtr, config, batch=d_batch, resolution=resolution, role="backbone", rank=lora_rank,
                               input_dt="f32", input_grad=False, embeds_dt="f32", weight_dt=backbone_weight_dt,
                               lora=backbone_lora)
-    H_d = trace_heads(dtr, dpass["features"], d, torch_inplace=engine == "torch")
-    feature_bytes = sum(dtr.sizes[f.sid] for f in dpass["features"])
+    H_d, H_one_d = trace_heads(dtr, dpass["features"], d, torch_inplace=engine == "torch")
 
     act = 4 if not amp else lp_bytes
     teacher_nograd = _nograd_working_set(2 * B if implementation == "ours" else B, tokens, d, heads, act, attention)
@@ -729,9 +760,12 @@ def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp
         phases["G: backward, student block recomputed"] = S_g + S_blk + student_nograd
     if implementation == "ours":
         phases["D: student / teacher / target passes (no grad)"] = max(teacher_nograd, student_nograd)
-        phases["D: discriminator d_loss (2B batch), end of forward"] = feature_bytes + H_d
+        phases["D: discriminator d_loss (2B batch), end of forward"] = H_d  # the heads keep the features
+        if head_recompute:  # then the heads' bytes live one head at a time, in backward
+            phases["G: backward, one head recomputed"] = S_g + T_g + H_one_g
+            phases["D: backward, one head recomputed"] = H_d + H_one_d
     else:  # the reference runs the student with gradients in D steps too, and D(fake), D(real) separately
-        phases["D: discriminator d_loss (fake, real passes)"] = S_g + 2 * H_d + feature_bytes
+        phases["D: discriminator d_loss (fake, real passes)"] = S_g + 2 * H_d  # the heads keep the features
     peak_phase = max(phases, key=phases.get)
     activations = {
         "student forward (saved)": S_g, "teacher as discriminator, G step (saved, incl. weight casts)": T_g,
@@ -741,7 +775,7 @@ def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp
     per_tc = {
         "student block": sum(student["per_block"]) / (layers * B * tokens * d),
         "teacher-as-discriminator block": sum(fake["per_block"]) / (layers * B * tokens * d),
-        "discriminator head": H_g / (layers * B * n_img * d),
+        "discriminator head": H_one_g / (B * n_img * d),
     }
     return {
         "implementation": implementation, "resolution": resolution, "batch_size": B, "lora_rank": lora_rank,
@@ -819,6 +853,11 @@ def print_rows(rows, out=sys.stdout):
               + "".join(f"{'yes' if r[f'fits_{card}'] else 'no':<5}" for card in CARDS_GIB) + r["peak_phase"], file=out)
 
 
+# --measure_cpu: each saving switched on after the one before (name, frozen_linear, head recompute, LoRA input)
+MEASURED_SAVINGS = [("upstream", False, False, False), ("frozen_linear", True, False, False),
+                    ("head_recompute", True, True, False), ("share_lora_input", True, True, True)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, default=1024)
@@ -840,6 +879,11 @@ def main(argv=None) -> int:
                         help="teacher transformer (published config; text encoders and VAE are the same for all)")
     parser.add_argument("--no_frozen_linear", action="store_true",
                         help="what-if without frozen_linear (frozen Linear layers keep their input, Paddle's default)")
+    parser.add_argument("--no_head_recompute", action="store_true",
+                        help="what-if without discriminator.RecomputedHead (every head keeps its activations)")
+    parser.add_argument("--no_share_lora_input", action="store_true",
+                        help="what-if without frozen_linear.lora_down (every LoRA down-projection keeps an fp32 copy "
+                             "of its input)")
     parser.add_argument("--table", action="store_true", help="print the README table (fixed configurations)")
     parser.add_argument("--measure_cpu", metavar="TEACHER_DIR", default=None,
                         help="instead: measure what Paddle keeps for a G step's student forward and discriminator "
@@ -852,14 +896,14 @@ def main(argv=None) -> int:
         parser.error("--resolution must be a multiple of 16")
 
     if args.measure_cpu:
-        print(f"{'graph':<22}{'frozen_linear':>14}{'measured MB':>13}{'traced MB':>11}")
+        print(f"{'graph':<22}{'saving on (with those above)':>30}{'measured MB':>13}{'traced MB':>11}")
         summary = {}
-        for frozen in (False, True):
-            result = measure_g_step_on_cpu(args.measure_cpu, args.resolution, args.batch_size, args.lora_rank, frozen)
-            summary["frozen_linear" if frozen else "upstream"] = result
-            for name, measured in result["measured_bytes"].items():
-                print(f"{name:<22}{'on' if frozen else 'off':>14}{measured / 2**20:>13.1f}"
-                      f"{result['traced_bytes'][name] / 2**20:>11.1f}")
+        for name, *switches in MEASURED_SAVINGS:
+            result = measure_g_step_on_cpu(args.measure_cpu, args.resolution, args.batch_size, args.lora_rank,
+                                           *switches)
+            summary[name] = result
+            for graph, measured in result["measured_bytes"].items():
+                print(f"{graph:<22}{name:>30}{measured / 2**20:>13.1f}{result['traced_bytes'][graph] / 2**20:>11.1f}")
         print(json.dumps(summary))
         return 0
     summary = {"kappa": round(KAPPA, 4), "headroom": HEADROOM}
@@ -878,11 +922,15 @@ def main(argv=None) -> int:
                                  mixed_precision=args.mixed_precision if ours else "fp16", gradient_checkpointing=ck,
                                  implementation=impl, share_teacher_weights=share, attention=args.attention,
                                  peft_cast=args.peft_cast if ours else None, frozen_linear=not args.no_frozen_linear,
+                                 head_recompute=not args.no_head_recompute,
+                                 share_lora_input=not args.no_share_lora_input,
                                  config=TRANSFORMERS[transformer[0]] if transformer else None)
             rows.append(_row(label, result))
         print(f"SD3-medium, ours: {args.mixed_precision}, LoRA rank {args.lora_rank}, attention {args.attention}"
               f"{', what-if --peft_cast input (no compat shim)' if args.peft_cast == 'input' else ''}"
-              f"{', what-if without frozen_linear' if args.no_frozen_linear else ''}; reference: fp16, rank 32; "
+              f"{', what-if without frozen_linear' if args.no_frozen_linear else ''}"
+              f"{', what-if without head recompute' if args.no_head_recompute else ''}"
+              f"{', what-if without the shared LoRA input' if args.no_share_lora_input else ''}; reference: fp16, rank 32; "
               f"kappa {KAPPA:.4f}")
         print(f"peak GiB per GPU (allocated); fits = peak <= {1 - HEADROOM:.0%} of the card "
               f"({HEADROOM:.0%} left for allocator fragmentation and the CUDA context)")
@@ -893,7 +941,8 @@ def main(argv=None) -> int:
                              mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                              implementation=args.implementation, share_teacher_weights=args.share_teacher_weights,
                              attention=args.attention, config=TRANSFORMERS[args.transformer], frozen_linear=not args.no_frozen_linear,
-                             peft_cast=args.peft_cast if args.implementation == "ours" else None)
+                             head_recompute=not args.no_head_recompute,
+                             share_lora_input=not args.no_share_lora_input, peft_cast=args.peft_cast if args.implementation == "ours" else None)
         label = args.implementation + ("" if args.transformer == "sd3-medium" else f" {args.transformer}") \
             + (" --share_teacher_weights" if result["share_teacher_weights"] else "")
         print_rows([_row(label, result)])
