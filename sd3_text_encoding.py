@@ -28,6 +28,19 @@ def _token_ids(tokenizer, prompts: list) -> paddle.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pd").input_ids
 
 
+def load_tokenizers_and_text_encoders(path: str) -> tuple:
+    """SD3's three tokenizers and text encoders (CLIP-L, CLIP-G, T5) from a diffusers-layout folder or hub id."""
+    from ppdiffusers.transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                  CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+                  T5Tokenizer.from_pretrained(path, subfolder="tokenizer_3")]
+    text_encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder"),
+                     CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
+                     T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3")]
+    return tokenizers, text_encoders
+
+
 class SD3PromptEncoder:
     """Callable: ``encode(prompts) -> (prompt_embeds [B, 154, D_t5], pooled [B, D_L + D_G])``."""
 

@@ -400,16 +400,11 @@ def load_models(args, weight_dtype: str, log):
     """Tokenizers, text encoders, VAE, teacher (fp32, or a view of the student's base with
     --share_teacher_weights) and student (weight dtype + fp32 LoRA)."""
     from ppdiffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-    from ppdiffusers.transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+    from sd3_text_encoding import load_tokenizers_and_text_encoders
 
     path = args.pretrained_teacher_model
     common = {"revision": args.revision} if args.revision else {}
-    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-                  CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
-                  T5Tokenizer.from_pretrained(path, subfolder="tokenizer_3")]
-    text_encoders = [CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder"),
-                     CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
-                     T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3")]
+    tokenizers, text_encoders = load_tokenizers_and_text_encoders(path)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
     student = load_transformer(path, variant=args.variant, **common)  # SD3 or SD3.5, by transformer/config.json

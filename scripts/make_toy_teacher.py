@@ -264,9 +264,8 @@ def save_trained(model, teacher: str, name: str) -> None:
 def build(output_dir: str, options: dict, log=print) -> dict:
     """Write data/ and teacher/ into ``output_dir``; returns the manifest (also written as toy_teacher.json)."""
     from ppdiffusers import AutoencoderKL, SD3Transformer2DModel
-    from ppdiffusers.transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-    from sd3_text_encoding import SD3PromptEncoder
+    from sd3_text_encoding import SD3PromptEncoder, load_tokenizers_and_text_encoders
 
     paddle.base.core.set_num_threads(1)  # one thread: the same bits on every build
     paddle.set_device("cpu")
@@ -284,12 +283,7 @@ def build(output_dir: str, options: dict, log=print) -> dict:
     train_vae(vae, pixels, options["vae_steps"], options["batch_size"], options["vae_lr"], log)
     save_trained(vae, teacher, "vae")
 
-    tokenizers = [CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer"),
-                  CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer_2"),
-                  T5Tokenizer.from_pretrained(teacher, subfolder="tokenizer_3")]
-    encoders = [CLIPTextModelWithProjection.from_pretrained(teacher, subfolder="text_encoder"),
-                CLIPTextModelWithProjection.from_pretrained(teacher, subfolder="text_encoder_2"),
-                T5EncoderModel.from_pretrained(teacher, subfolder="text_encoder_3")]
+    tokenizers, encoders = load_tokenizers_and_text_encoders(teacher)
     for encoder in encoders:
         encoder.eval()
     encode = SD3PromptEncoder(tokenizers, encoders)
