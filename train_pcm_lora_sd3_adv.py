@@ -884,4 +884,4 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_control.exit_process(main())
