@@ -761,7 +761,6 @@ def train(args, geometry: dict, on_step=None, timer=None) -> TrainResult:
             {"rng": checkpointing.capture_rng_state(), "data": tracker.state_dict()},
             {**layout, "nonfinite_steps": nonfinite_total}, args.checkpoints_total_limit, log)
 
-
     # ---- loop
     from tqdm.auto import tqdm
 
