@@ -11,6 +11,7 @@ frozen base layers inside the student's LoRA layers (see ``scripts/memory_budget
 through :class:`FrozenWeightLinear`: the same forward op, and a backward that is the op Paddle's own
 ``matmul`` backward runs for the input, so losses and gradients are bit-identical (tested in fp32).
 Every other call (trainable weights, no-grad passes, frozen inputs) runs ``nn.Linear.forward`` unchanged.
+It also installs ``frozen_ops``, the same idea for the SD3 blocks' multiplies by frozen AdaLN factors.
 
 :func:`lora_down` is the LoRA down-projection (``lora_A``) of ``paddle_compat``'s LoRA ``Linear.forward``
 through :class:`LoraDown`, which keeps the layer input once in the matmul's dtype (in fp32 the input itself;
@@ -115,9 +116,12 @@ _UPSTREAM_FORWARD = paddle.nn.Linear.forward
 
 
 def install() -> bool:
-    """Route frozen ``paddle.nn.Linear`` layers through :class:`FrozenWeightLinear` (idempotent).
-    Returns whether this call changed anything."""
+    """Route frozen ``paddle.nn.Linear`` layers through :class:`FrozenWeightLinear` and the SD3 blocks' frozen
+    AdaLN products through ``frozen_ops`` (idempotent). Returns whether this call changed anything."""
+    import frozen_ops  # here: it imports ppdiffusers
+
+    changed = frozen_ops.install()
     if paddle.nn.Linear.forward is linear_forward:
-        return False
+        return changed
     paddle.nn.Linear.forward = linear_forward
     return True

@@ -32,6 +32,8 @@ from ppdiffusers.models.attention import JointTransformerBlock
 from ppdiffusers.models.attention_processor import Attention
 from ppdiffusers.models.transformer_sd3 import SD3Transformer2DModel
 
+from frozen_ops import gated, modulate
+
 QK_NORM_EPS = 1e-6
 SUPPORTED_QK_NORMS = ("rms_norm",)
 
@@ -66,8 +68,8 @@ class SD35AdaLayerNormZeroX(nn.Layer):
             self.linear(self.silu(emb)).chunk(9, axis=1)
         )
         normed = self.norm(x)
-        return (normed * (1 + scale_msa[:, None]) + shift_msa[:, None], gate_msa, shift_mlp, scale_mlp, gate_mlp,
-                normed * (1 + scale_msa2[:, None]) + shift_msa2[:, None], gate_msa2)
+        return (modulate(normed, scale_msa, shift_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp,
+                modulate(normed, scale_msa2, shift_msa2), gate_msa2)
 
 
 class SD35AttnProcessor:
@@ -105,7 +107,8 @@ def _add_qk_norms(attn: Attention, head_dim: int, context: bool) -> None:
 
 
 class SD35JointTransformerBlock(JointTransformerBlock):
-    """ppdiffusers' SD3 ``JointTransformerBlock`` plus, from the config, q/k RMSNorms and (MMDiT-X) ``attn2``."""
+    """ppdiffusers' SD3 ``JointTransformerBlock`` plus, from the config, q/k RMSNorms and (MMDiT-X) ``attn2``.
+    Its AdaLN products go through ``frozen_ops`` (only the frozen factor kept for backward, once installed)."""
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, context_pre_only: bool = False,
                  qk_norm: str | None = None, use_dual_attention: bool = False):
@@ -133,15 +136,15 @@ class SD35JointTransformerBlock(JointTransformerBlock):
         else:
             norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, emb=temb)
         attn_output, context_attn_output = self.attn(hidden_states=norm_x, encoder_hidden_states=norm_context)
-        hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
-        hidden_states = hidden_states + gate_msa2.unsqueeze(1) * self.attn2(hidden_states=norm_x2)
-        norm_x = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        hidden_states = hidden_states + gate_mlp.unsqueeze(1) * self.ff(norm_x)
+        hidden_states = hidden_states + gated(gate_msa, attn_output)
+        hidden_states = hidden_states + gated(gate_msa2, self.attn2(hidden_states=norm_x2))
+        norm_x = modulate(self.norm2(hidden_states), scale_mlp, shift_mlp)
+        hidden_states = hidden_states + gated(gate_mlp, self.ff(norm_x))
         if self.context_pre_only:
             return None, hidden_states
-        encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
-        norm_context = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * self.ff_context(norm_context)
+        encoder_hidden_states = encoder_hidden_states + gated(c_gate_msa, context_attn_output)
+        norm_context = modulate(self.norm2_context(encoder_hidden_states), c_scale_mlp, c_shift_mlp)
+        encoder_hidden_states = encoder_hidden_states + gated(c_gate_mlp, self.ff_context(norm_context))
         return encoder_hidden_states, hidden_states
 
 

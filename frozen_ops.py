@@ -1,0 +1,144 @@
+"""Multiplies by frozen AdaLN factors that keep only the factor for backward.
+
+Paddle's ``multiply`` records both inputs for backward. In the SD3 block the adaLN-Zero products
+``norm(x) * (1 + scale)`` and ``gate * attn_output`` / ``gate * ff_output`` (both streams) multiply a large
+activation ``[B, N, D]`` by a small factor ``[B, 1, D]`` computed from the timestep embedding. In the frozen
+teacher run as discriminator backbone (G step: gradients flow to the generated sample, no weight trains) the
+factor is frozen, and the only gradient that flows, ``d activation = dy * factor``, needs the factor alone, yet
+Paddle keeps the activation too (the LayerNorm output, the attention and MLP outputs): most of what is left
+of a G step's teacher activations after ``frozen_linear`` (see ``scripts/memory_budget.py``).
+
+:func:`multiply` routes exactly those products (grad enabled, one input needs a gradient, the other is frozen
+and broadcasts against it) through :class:`FrozenFactorMultiply`: the same forward op, and a backward that is
+the op Paddle's own ``multiply`` backward runs for the activation, so losses and gradients are bit-identical
+(tested in fp32). Everything else (the student, whose AdaLN linears carry LoRA so its factors need gradients;
+no-grad passes) is a plain ``multiply``.
+
+:func:`install` (called by ``frozen_linear.install``, which the trainer's ``load_models`` runs) switches this
+on and makes ppdiffusers 0.29's ``AdaLayerNormZero``, ``AdaLayerNormContinuous`` and ``JointTransformerBlock``
+use it; ``sd35_transformer``'s SD3.5 block and ``SD35AdaLayerNormZeroX`` call :func:`multiply` themselves.
+The replaced forwards run ppdiffusers' ops in ppdiffusers' order, with :func:`multiply` for those products.
+"""
+from __future__ import annotations
+
+import os
+
+import paddle_compat  # noqa: F401  (before ppdiffusers)
+import paddle
+from paddle.autograd import PyLayer
+from ppdiffusers.models.attention import JointTransformerBlock, _chunked_feed_forward
+from ppdiffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
+
+ENABLED = False  # install() turns it on; False: every product is a plain multiply (upstream's graph)
+
+
+class FrozenFactorMultiply(PyLayer):
+    """``x * factor`` (``factor * x`` with ``factor_first``) with a gradient for ``x`` only, saving the small
+    ``factor`` (in the product's dtype, as Paddle's multiply keeps it) instead of ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, factor, factor_first=False):
+        out = factor * x if factor_first else x * factor
+        ctx.save_for_backward(factor if factor.dtype == out.dtype else factor.astype(out.dtype))
+        ctx.input_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (factor,) = ctx.saved_tensor()
+        grad_input = grad_output * factor  # Paddle's multiply_grad: dx = dout * y, for an x of the output's shape
+        return grad_input if grad_input.dtype == ctx.input_dtype else grad_input.astype(ctx.input_dtype)
+
+
+def _broadcasts_to(small, shape) -> bool:
+    return list(paddle.broadcast_shape(small.shape, shape)) == list(shape)
+
+
+def multiply(a, b):
+    """``a * b``; through :class:`FrozenFactorMultiply` when enabled, grad is on, exactly one input needs a
+    gradient and the frozen one broadcasts against it (the other's shape is the product's)."""
+    if not ENABLED or not paddle.is_grad_enabled() or a.stop_gradient == b.stop_gradient:
+        return a * b
+    if b.stop_gradient and _broadcasts_to(b, a.shape):
+        return FrozenFactorMultiply.apply(a, b, False)
+    if a.stop_gradient and _broadcasts_to(a, b.shape):
+        return FrozenFactorMultiply.apply(b, a, True)
+    return a * b
+
+
+def modulate(x, scale, shift):
+    """adaLN modulation ``x * (1 + scale[:, None]) + shift[:, None]`` (``scale``, ``shift``: ``[B, D]``)."""
+    return multiply(x, 1 + scale[:, None]) + shift[:, None]
+
+
+def gated(gate, x):
+    """The gated residual branch ``gate.unsqueeze(1) * x`` (``gate``: ``[B, D]``)."""
+    return multiply(gate.unsqueeze(1), x)
+
+
+# --- ppdiffusers 0.29's forwards with multiply() for the frozen-factor products ----------------------------
+
+
+def ada_layer_norm_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+    """``AdaLayerNormZero.forward``: ``(norm(x) * (1 + scale_msa) + shift_msa, gate_msa, shift_mlp,
+    scale_mlp, gate_mlp)``."""
+    if self.emb is not None:
+        emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(6, axis=1)
+    return modulate(self.norm(x), scale_msa, shift_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def ada_layer_norm_continuous_forward(self, x, conditioning_embedding):
+    """``AdaLayerNormContinuous.forward``: ``norm(x) * (1 + scale) + shift`` (the Triton inference path
+    unchanged)."""
+    if os.getenv("INFERENCE_OPTIMIZE_TRITON"):
+        return _UPSTREAM_FORWARDS[AdaLayerNormContinuous](self, x, conditioning_embedding)
+    scale, shift = paddle.chunk(self.linear(self.silu(conditioning_embedding).cast(x.dtype)), 2, axis=1)
+    return modulate(self.norm(x), scale, shift)
+
+
+def _feed_forward(block, ff, x):
+    if block._chunk_size is not None:
+        return _chunked_feed_forward(ff, x, block._chunk_dim, block._chunk_size)
+    return ff(x)
+
+
+def joint_transformer_block_forward(self, hidden_states, encoder_hidden_states, temb):
+    """``JointTransformerBlock.forward`` (SD3's MM-DiT block): returns ``(encoder_hidden_states,
+    hidden_states)``, the context ``None`` in the last (``context_pre_only``) block."""
+    norm_x, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+    if self.context_pre_only:
+        norm_context = self.norm1_context(encoder_hidden_states, temb)
+    else:
+        norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states,
+                                                                                            emb=temb)
+    attn_output, context_attn_output = self.attn(hidden_states=norm_x, encoder_hidden_states=norm_context)
+    hidden_states = hidden_states + gated(gate_msa, attn_output)
+    norm_x = modulate(self.norm2(hidden_states), scale_mlp, shift_mlp)
+    hidden_states = hidden_states + gated(gate_mlp, _feed_forward(self, self.ff, norm_x))
+    if self.context_pre_only:
+        return None, hidden_states
+    encoder_hidden_states = encoder_hidden_states + gated(c_gate_msa, context_attn_output)
+    norm_context = modulate(self.norm2_context(encoder_hidden_states), c_scale_mlp, c_shift_mlp)
+    encoder_hidden_states = encoder_hidden_states + gated(c_gate_mlp,
+                                                          _feed_forward(self, self.ff_context, norm_context))
+    return encoder_hidden_states, hidden_states
+
+
+FORWARDS = {AdaLayerNormZero: ada_layer_norm_zero_forward,
+            AdaLayerNormContinuous: ada_layer_norm_continuous_forward,
+            JointTransformerBlock: joint_transformer_block_forward}
+_UPSTREAM_FORWARDS = {cls: cls.forward for cls in FORWARDS}
+
+
+def install() -> bool:
+    """Keep only the frozen factor of the SD3 blocks' AdaLN products (idempotent). Returns whether this call
+    changed anything."""
+    global ENABLED
+    changed = not ENABLED
+    ENABLED = True
+    for cls, forward in FORWARDS.items():
+        if cls.forward is not forward:
+            cls.forward = forward
+            changed = True
+    return changed
