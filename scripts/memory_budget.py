@@ -241,12 +241,14 @@ def verify_counts_lazily() -> dict:
 
 
 def measure_g_step_on_cpu(teacher_dir: str, resolution: int, batch: int, rank: int, frozen_linear: bool,
-                          head_recompute: bool = True, share_lora_input: bool = True) -> dict:
+                          head_recompute: bool = True, share_lora_input: bool = True,
+                          frozen_factor_multiply: bool = True) -> dict:
     """What Paddle keeps for backward in a training step's graphs (fp32, CPU, real models from ``teacher_dir``):
     the student forward (LoRA), the discriminator's ``g_loss`` through the frozen teacher and its ``d_loss``
     (2B batch, backbone without gradients), measured with the host allocator and traced, with frozen Linear
-    layers routed through ``frozen_linear`` or not, the heads recomputed in backward or not and the LoRA
-    down-projections keeping their shared input (``frozen_linear.lora_down``) or not."""
+    layers routed through ``frozen_linear`` or not, the heads recomputed in backward or not, the LoRA
+    down-projections keeping their shared input (``frozen_linear.lora_down``) or not and the blocks' AdaLN
+    products keeping only their frozen factor (``frozen_ops``) or not."""
     import gc
     import json
     import os
@@ -258,6 +260,7 @@ def measure_g_step_on_cpu(teacher_dir: str, resolution: int, batch: int, rank: i
     from ppdiffusers import SD3Transformer2DModel
 
     import frozen_linear as frozen_linear_module
+    import frozen_ops
     import pcm_lora
     from discriminator import Discriminator
 
@@ -288,9 +291,13 @@ def measure_g_step_on_cpu(teacher_dir: str, resolution: int, batch: int, rank: i
     disc = Discriminator(load())
     disc.recompute_heads = head_recompute
     previous = paddle.nn.Linear.forward
+    previous_ops = frozen_ops.ENABLED, {cls: cls.forward for cls in frozen_ops.FORWARDS}
     frozen_linear_module.SHARE_LORA_INPUT = share_lora_input
     paddle.nn.Linear.forward = (frozen_linear_module.linear_forward if frozen_linear
                                 else frozen_linear_module._UPSTREAM_FORWARD)
+    frozen_ops.ENABLED = frozen_factor_multiply
+    for cls, forward in (frozen_ops.FORWARDS if frozen_factor_multiply else frozen_ops._UPSTREAM_FORWARDS).items():
+        cls.forward = forward
     try:
         measured = {"student forward": kept(lambda: student(hidden_states=sample, **kwargs).sample),
                     "discriminator g_loss": kept(lambda: disc("g_loss", fake, kwargs["timestep"],
@@ -302,11 +309,14 @@ def measure_g_step_on_cpu(teacher_dir: str, resolution: int, batch: int, rank: i
     finally:
         paddle.nn.Linear.forward = previous
         frozen_linear_module.SHARE_LORA_INPUT = True
+        frozen_ops.ENABLED = previous_ops[0]
+        for cls, forward in previous_ops[1].items():
+            cls.forward = forward
     traced = {}
     for role, name in (("student", "student forward"), ("backbone", "discriminator g_loss"),
                        ("backbone", "discriminator d_loss")):
         tr = Trace("paddle", amp=False, attention="math", frozen_linear=frozen_linear, head_recompute=head_recompute,
-                   share_lora_input=share_lora_input)
+                   share_lora_input=share_lora_input, frozen_factor=frozen_factor_multiply)
         d_loss = name.endswith("d_loss")
         out = trace_transformer(tr, config, batch=2 * batch if d_loss else batch, resolution=resolution, role=role,
                                 rank=rank, input_dt="f32", input_grad=name.endswith("g_loss"), embeds_dt="f32",
@@ -341,9 +351,10 @@ class Trace:
 
     def __init__(self, engine: str, amp: bool, lp_bytes: int = 2, attention: str = "auto", dropout_train=False,
                  peft_cast: str = None, frozen_linear: bool = True, head_recompute: bool = True,
-                 share_lora_input: bool = True):
+                 share_lora_input: bool = True, frozen_factor: bool = True):
         self.engine, self.amp, self.lp_bytes, self.attention_kind = engine, amp, lp_bytes, attention
         self.frozen_linear = frozen_linear  # frozen_linear.install(): frozen nn.Linear keeps only its weight
+        self.frozen_factor = frozen_factor and engine == "paddle"  # frozen_ops.multiply: AdaLN products
         self.head_recompute = head_recompute and engine == "paddle"  # discriminator.RecomputedHead
         self.share_lora_input = share_lora_input and engine == "paddle"  # frozen_linear.LoraDown
         # dtype a LoRA layer returns: the base layer result's (PyTorch peft, and ppdiffusers.peft with
@@ -428,6 +439,16 @@ class Trace:
         recorded = a.grad or b.grad
         self._keep_inputs([a, b], recorded)
         return self.new(max(a.n, b.n), a.dt, recorded)
+
+    def factor_mul(self, a, b):
+        """An adaLN product in the SD3 block (``norm(x) * (1 + scale)``, ``gate * out``): a ``mul``, except that
+        this port's ``frozen_ops.multiply`` (Paddle) keeps only the frozen input when the other needs a gradient
+        (its backward needs only that factor); PyTorch's rule already does."""
+        if self.frozen_factor and a.grad != b.grad:
+            a, b = self._gray(a, b)
+            self.keep(b if a.grad else a)
+            return self.new(max(a.n, b.n), a.dt, True)
+        return self.mul(a, b)
 
     def add(self, a, b):
         a, b = self._gray(a, b)
@@ -534,7 +555,7 @@ def trace_block(tr, h, ctx, temb, *, width, heads, batch, n_img, n_txt, last, we
         return _peft_linear(tr, x, fan_in, fan_out, weight_dt, lora if target else None, rank)
 
     def modulate(x, scale, shift):  # norm(x) * (1 + scale[:, None]) + shift[:, None]
-        return tr.add(tr.mul(tr.layer_norm(x), tr.scale(scale)), shift)
+        return tr.add(tr.factor_mul(tr.layer_norm(x), tr.scale(scale)), shift)
 
     def rms_norm(x):  # sd35_transformer.RMSNorm: fp32 x * rsqrt(mean(x^2) + eps) * weight, back to x's dtype
         x32 = tr.cast(x, "f32")
@@ -545,7 +566,7 @@ def trace_block(tr, h, ctx, temb, *, width, heads, batch, n_img, n_txt, last, we
     emb = linear(tr.activation(temb), d, (9 if dual else 6) * d)       # norm1.linear(silu(temb))
     chunk = Trace.view(emb, batch * d)                                  # shift/scale/gate (msa, mlp[, msa2])
     normed_h = tr.layer_norm(h)                                         # shared by attn and attn2 (MMDiT-X)
-    x = tr.add(tr.mul(normed_h, tr.scale(chunk)), chunk)
+    x = tr.add(tr.factor_mul(normed_h, tr.scale(chunk)), chunk)
     cemb = linear(tr.cast(tr.activation(temb), ctx.dt) if last else tr.activation(temb), d, (2 if last else 6) * d)
     cchunk = Trace.view(cemb, batch * d)
     cx = modulate(ctx, cchunk, cchunk)
@@ -560,23 +581,23 @@ def trace_block(tr, h, ctx, temb, *, width, heads, batch, n_img, n_txt, last, we
     attn = tr.dropout(linear(Trace.view(out, batch * n_img * d), d, d))  # to_out.0, to_out.1
     cattn = None if last else linear(Trace.view(out, batch * n_txt * d), d, d)  # to_add_out
 
-    h = tr.add(h, tr.mul(chunk, attn))
+    h = tr.add(h, tr.factor_mul(chunk, attn))
     if dual:  # attn2 over the image tokens on LayerNorm(block input) * (1 + scale2) + shift2
-        x2 = tr.add(tr.mul(normed_h, tr.scale(chunk)), chunk)
+        x2 = tr.add(tr.factor_mul(normed_h, tr.scale(chunk)), chunk)
         q2, k2, v2 = (linear(x2, d, d) for _ in range(3))                # attn2.to_q/k/v (LoRA)
         if qk_norm:
             q2, k2 = rms_norm(q2), rms_norm(k2)
         out2 = tr.cast(tr.attention(q2, k2, v2, batch, heads, n_img), q2.dt)
-        h = tr.add(h, tr.mul(chunk, tr.dropout(linear(out2, d, d))))
+        h = tr.add(h, tr.factor_mul(chunk, tr.dropout(linear(out2, d, d))))
     f = tr.activation(linear(modulate(h, chunk, chunk), d, 4 * d))     # ff.net.0 (proj + GELU)
     f = linear(tr.dropout(f), 4 * d, d)                                 # ff.net.1, ff.net.2
-    h = tr.add(h, tr.mul(chunk, f))
+    h = tr.add(h, tr.factor_mul(chunk, f))
     if last:
         return h, None
-    ctx = tr.add(ctx, tr.mul(cchunk, cattn))
+    ctx = tr.add(ctx, tr.factor_mul(cchunk, cattn))
     g = tr.activation(linear(modulate(ctx, cchunk, cchunk), d, 4 * d))
     g = linear(tr.dropout(g), 4 * d, d)
-    return h, tr.add(ctx, tr.mul(cchunk, g))
+    return h, tr.add(ctx, tr.factor_mul(cchunk, g))
 
 
 def trace_transformer(tr, config, *, batch, resolution, role, rank=0, input_dt="lp", input_grad=False,
@@ -621,7 +642,7 @@ def trace_transformer(tr, config, *, batch, resolution, role, rank=0, input_dt="
     if role == "student":
         before = tr.saved_bytes()
         emb = _peft_linear(tr, tr.cast(tr.activation(temb), h.dt), d, 2 * d, weight_dt, None, rank)  # norm_out
-        y = tr.add(tr.mul(tr.layer_norm(h), tr.scale(Trace.view(emb, batch * d))), Trace.view(emb, batch * d))
+        y = tr.add(tr.factor_mul(tr.layer_norm(h), tr.scale(Trace.view(emb, batch * d))), Trace.view(emb, batch * d))
         linear(y, d, p * p * int(config.get("out_channels") or c_in))   # proj_out (LoRA)
         epilogue = tr.saved_bytes() - before
     return {"prologue": prologue, "per_block": per_block, "block_inputs": block_inputs, "epilogue": epilogue,
@@ -671,7 +692,7 @@ def _nograd_working_set(batch, tokens, width, heads, act_bytes, attention):
 def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp16", gradient_checkpointing=False,
                 implementation="ours", share_teacher_weights=False, attention="auto", text_encoders_on_gpu=True,
                 kappa=None, config=None, peft_cast=None, frozen_linear=True, head_recompute=True,
-                share_lora_input=True) -> dict:
+                share_lora_input=True, frozen_factor_multiply=True) -> dict:
     """Peak GPU memory (bytes) of one training step, with the static part itemised.
 
     implementation 'ours' (this Paddle trainer) or 'reference' (the PyTorch script that was measured)."""
@@ -706,7 +727,8 @@ def step_budget(resolution=1024, batch_size=2, lora_rank=32, mixed_precision="fp
     # ---- traced activations
     def tracer(dropout_train=False):
         return Trace(engine, amp, lp_bytes, attention, dropout_train=dropout_train, peft_cast=peft_cast,
-                     frozen_linear=frozen_linear, head_recompute=head_recompute, share_lora_input=share_lora_input)
+                     frozen_linear=frozen_linear, head_recompute=head_recompute, share_lora_input=share_lora_input,
+                     frozen_factor=frozen_factor_multiply)
 
     student_train = implementation == "reference" or gradient_checkpointing  # ours: train() only with ckpt
     teacher_train = implementation == "ours" and gradient_checkpointing
@@ -853,9 +875,11 @@ def print_rows(rows, out=sys.stdout):
               + "".join(f"{'yes' if r[f'fits_{card}'] else 'no':<5}" for card in CARDS_GIB) + r["peak_phase"], file=out)
 
 
-# --measure_cpu: each saving switched on after the one before (name, frozen_linear, head recompute, LoRA input)
-MEASURED_SAVINGS = [("upstream", False, False, False), ("frozen_linear", True, False, False),
-                    ("head_recompute", True, True, False), ("share_lora_input", True, True, True)]
+# --measure_cpu: each saving switched on after the one before
+# (name, frozen_linear, head recompute, LoRA input, frozen AdaLN factors)
+MEASURED_SAVINGS = [("upstream", False, False, False, False), ("frozen_linear", True, False, False, False),
+                    ("head_recompute", True, True, False, False), ("share_lora_input", True, True, True, False),
+                    ("frozen_factor_multiply", True, True, True, True)]
 
 
 def main(argv=None) -> int:
@@ -884,11 +908,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no_share_lora_input", action="store_true",
                         help="what-if without frozen_linear.lora_down (every LoRA down-projection keeps an fp32 copy "
                              "of its input)")
+    parser.add_argument("--no_frozen_factor_multiply", action="store_true",
+                        help="what-if without frozen_ops (the blocks' AdaLN products norm(x) * (1 + scale) and "
+                             "gate * out keep both inputs, Paddle's default, also where the factor is frozen)")
     parser.add_argument("--table", action="store_true", help="print the README table (fixed configurations)")
     parser.add_argument("--measure_cpu", metavar="TEACHER_DIR", default=None,
                         help="instead: measure what Paddle keeps for a G step's student forward and discriminator "
                              "g_loss on CPU (fp32, this --resolution/--batch_size/--lora_rank, teacher from "
-                             "make_tiny_sd3.py), with and without frozen_linear, next to the tracer's numbers")
+                             "make_tiny_sd3.py), each saving switched on after the one before, next to the tracer's "
+                             "numbers")
     parser.add_argument("--verify_counts", action="store_true",
                         help="also build SD3-medium's transformer and VAE under paddle.LazyGuard and compare counts")
     args = parser.parse_args(argv)
@@ -924,13 +952,15 @@ def main(argv=None) -> int:
                                  peft_cast=args.peft_cast if ours else None, frozen_linear=not args.no_frozen_linear,
                                  head_recompute=not args.no_head_recompute,
                                  share_lora_input=not args.no_share_lora_input,
+                                 frozen_factor_multiply=not args.no_frozen_factor_multiply,
                                  config=TRANSFORMERS[transformer[0]] if transformer else None)
             rows.append(_row(label, result))
         print(f"SD3-medium, ours: {args.mixed_precision}, LoRA rank {args.lora_rank}, attention {args.attention}"
               f"{', what-if --peft_cast input (no compat shim)' if args.peft_cast == 'input' else ''}"
               f"{', what-if without frozen_linear' if args.no_frozen_linear else ''}"
               f"{', what-if without head recompute' if args.no_head_recompute else ''}"
-              f"{', what-if without the shared LoRA input' if args.no_share_lora_input else ''}; reference: fp16, rank 32; "
+              f"{', what-if without the shared LoRA input' if args.no_share_lora_input else ''}"
+              f"{', what-if without frozen AdaLN factors' if args.no_frozen_factor_multiply else ''}; reference: fp16, rank 32; "
               f"kappa {KAPPA:.4f}")
         print(f"peak GiB per GPU (allocated); fits = peak <= {1 - HEADROOM:.0%} of the card "
               f"({HEADROOM:.0%} left for allocator fragmentation and the CUDA context)")
@@ -942,7 +972,8 @@ def main(argv=None) -> int:
                              implementation=args.implementation, share_teacher_weights=args.share_teacher_weights,
                              attention=args.attention, config=TRANSFORMERS[args.transformer], frozen_linear=not args.no_frozen_linear,
                              head_recompute=not args.no_head_recompute,
-                             share_lora_input=not args.no_share_lora_input, peft_cast=args.peft_cast if args.implementation == "ours" else None)
+                             share_lora_input=not args.no_share_lora_input,
+                             frozen_factor_multiply=not args.no_frozen_factor_multiply, peft_cast=args.peft_cast if args.implementation == "ours" else None)
         label = args.implementation + ("" if args.transformer == "sd3-medium" else f" {args.transformer}") \
             + (" --share_teacher_weights" if result["share_teacher_weights"] else "")
         print_rows([_row(label, result)])
