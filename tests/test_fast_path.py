@@ -1,5 +1,7 @@
 """The fast path: paddle_compat's CPU settings and the memory savings (frozen_linear's frozen Linear layers and
-shared LoRA inputs, the discriminator's recomputed heads), each with the same results as without."""
+shared LoRA inputs, the discriminator's recomputed heads, frozen_ops' AdaLN products), each with the same results
+as without."""
+import gc
 import json
 import os
 
@@ -10,6 +12,7 @@ from conftest import run_python
 from safetensors.numpy import load_file
 
 import frozen_linear
+import frozen_ops
 import memory_budget
 import paddle_compat
 import train_pcm_lora_sd3_adv as trainer
@@ -47,7 +50,8 @@ def test_each_saving_keeps_less_as_the_tracer_counts(tiny_sd3):
     """A step's graphs (student forward, discriminator g_loss through the frozen teacher, d_loss), measured with
     Paddle's host allocator (scripts/memory_budget.py --measure_cpu) as each saving is switched on: the tracer
     matches every time; frozen_linear keeps less in the student and g_loss, head recompute in g_loss and d_loss,
-    the shared LoRA input in the student."""
+    the shared LoRA input in the student, the frozen AdaLN factors in g_loss (the student's AdaLN linears carry
+    LoRA, so its factors need gradients and its products stay plain multiplies)."""
     mb = memory_budget
 
     if not paddle.get_device().startswith("cpu"):
@@ -58,15 +62,18 @@ def test_each_saving_keeps_less_as_the_tracer_counts(tiny_sd3):
             # 2 %, or 4 KiB: what the tiny d_loss keeps with recomputed heads is 64 KiB, near the small tensors
             # (time and pooled embeddings) the tracer leaves out
             assert result["traced_bytes"][graph] == pytest.approx(measured, rel=0.02, abs=4096), (name, graph)
-    upstream, frozen, recomputed, shared = (results[name]["measured_bytes"] for name, *_ in mb.MEASURED_SAVINGS)
+    upstream, frozen, recomputed, shared, factor = (results[name]["measured_bytes"] for name, *_ in mb.MEASURED_SAVINGS)
     assert frozen["student forward"] < upstream["student forward"]
     assert frozen["discriminator g_loss"] < upstream["discriminator g_loss"]
     assert recomputed["discriminator g_loss"] < frozen["discriminator g_loss"]
     assert recomputed["discriminator d_loss"] < frozen["discriminator d_loss"]
     assert shared["student forward"] < recomputed["student forward"]
+    assert factor["discriminator g_loss"] < shared["discriminator g_loss"]
+    assert factor["student forward"] == shared["student forward"]
+    assert factor["discriminator d_loss"] == shared["discriminator d_loss"]
 
 
-@pytest.mark.parametrize("step", [1, 2, 3], ids=lambda i: memory_budget.MEASURED_SAVINGS[i][0])
+@pytest.mark.parametrize("step", [1, 2, 3, 4], ids=lambda i: memory_budget.MEASURED_SAVINGS[i][0])
 def test_saving_gives_bit_identical_gradients(tiny_sd3, monkeypatch, step):
     """Student (LoRA) forward plus the discriminator's g_loss through the frozen teacher, backward, and the
     d_loss's head gradients, with and without a saving (on top of those before it, as the trainer runs them):
@@ -109,6 +116,122 @@ def test_saving_gives_bit_identical_gradients(tiny_sd3, monkeypatch, step):
     assert any(np.abs(g).max() > 0 for g in results[True][1][:len(lora)])
 
 
+def _kept(fn):
+    """Bytes Paddle's host allocator holds after ``fn()`` beyond its outputs: what the graph keeps for backward."""
+    from paddle.base import core
+
+    gc.collect()
+    before = core.host_memory_stat_current_value("Allocated", 0)
+    out = fn()
+    outputs = [t for t in (out if isinstance(out, tuple) else (out,)) if t is not None]
+    return core.host_memory_stat_current_value("Allocated", 0) - before - sum(int(t.numel()) * t.element_size()
+                                                                              for t in outputs)
+
+
+def _count_frozen_factor_calls(patch):
+    calls = []
+    apply = frozen_ops.FrozenFactorMultiply.apply
+    patch.setattr(frozen_ops.FrozenFactorMultiply, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+def test_frozen_factor_multiply_is_the_plain_multiply_keeping_only_the_factor(monkeypatch):
+    """frozen_ops.multiply: the product and the activation's gradient bit for bit as Paddle's multiply (either
+    operand order; an fp16 activation times an fp32 factor promotes and casts the gradient back as Paddle does),
+    keeping only the factor; a plain multiply where the factor needs a gradient, the activation does not, grad is
+    off, or frozen_ops is not installed."""
+    if not paddle.get_device().startswith("cpu"):
+        pytest.skip("the measurement reads Paddle's host (CPU) allocator statistics")
+    monkeypatch.setattr(frozen_ops, "ENABLED", True)
+    calls = _count_frozen_factor_calls(monkeypatch)
+    paddle.seed(5)
+    factor = paddle.randn([2, 1, 32])
+    for dtype in ("float32", "float16"):
+        for factor_first in (False, True):
+            x = paddle.randn([2, 64, 32]).astype(dtype)
+            x.stop_gradient = False
+            weight = paddle.randn([2, 64, 32])
+            results = []
+            for multiply in (lambda a, b: a * b, frozen_ops.multiply):
+                x.clear_gradient()
+                out = multiply(factor, x) if factor_first else multiply(x, factor)
+                (out * weight).sum().backward()
+                results.append((out.numpy(), out.dtype, x.grad.numpy(), x.grad.dtype))
+            np.testing.assert_array_equal(results[0][0], results[1][0])
+            np.testing.assert_array_equal(results[0][2], results[1][2])
+            assert results[0][1] == results[1][1] == paddle.float32 and results[0][3] == results[1][3] == x.dtype
+    assert len(calls) == 4
+
+    x = paddle.randn([2, 64, 32])
+    x.stop_gradient = False
+    # x * 2 (a scale op) keeps nothing itself: the product is the only holder of its result
+    assert _kept(lambda: (x * 2) * factor) == 2 * 64 * 32 * 4
+    assert _kept(lambda: frozen_ops.multiply(x * 2, factor)) == 0  # the factor existed before
+    assert len(calls) == 5
+
+    trainable = paddle.randn([2, 1, 32])
+    trainable.stop_gradient = False
+    frozen_ops.multiply(x, trainable).sum().backward()
+    assert trainable.grad is not None
+    frozen_ops.multiply(x.detach(), factor)
+    with paddle.no_grad():
+        frozen_ops.multiply(x, factor)
+    monkeypatch.setattr(frozen_ops, "ENABLED", False)
+    frozen_ops.multiply(x, factor)
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("kind", ["sd3", "sd3-last", "sd3.5-mmdit-x", "sd3.5-mmdit-x-last"])
+def test_frozen_block_forwards_are_upstreams_keeping_less(monkeypatch, kind):
+    """A frozen SD3 block (ppdiffusers' JointTransformerBlock, the last one with AdaLayerNormContinuous) and the
+    SD3.5 MMDiT-X block (sd35_transformer, with attn2 and SD35AdaLayerNormZeroX) as the discriminator's backbone
+    runs them, both streams needing gradients: frozen_ops' forwards give the same outputs and input gradients bit
+    for bit as ppdiffusers' (SD3.5: as with frozen_ops off), every AdaLN product through the PyLayer, and keep
+    less for backward."""
+    from ppdiffusers.models.attention import JointTransformerBlock
+
+    import sd35_transformer
+
+    if not paddle.get_device().startswith("cpu"):
+        pytest.skip("the measurement reads Paddle's host (CPU) allocator statistics")
+    dim, heads, last = 64, 4, kind.endswith("last")
+    paddle.seed(6)
+    if kind.startswith("sd3.5"):
+        block = sd35_transformer.SD35JointTransformerBlock(dim, heads, dim // heads, context_pre_only=last,
+                                                           qk_norm="rms_norm", use_dual_attention=True)
+    else:
+        block = JointTransformerBlock(dim, heads, dim, context_pre_only=last)
+    for param in block.parameters():  # random AdaLN weights too: no zero gates
+        param.set_value(paddle.randn(param.shape) * 0.2)
+        param.stop_gradient = True
+    block.eval()
+    x, context, temb = paddle.randn([2, 64, dim]), paddle.randn([2, 12, dim]), paddle.randn([2, dim])
+    x.stop_gradient = context.stop_gradient = False
+
+    def run():
+        x.clear_gradient()
+        context.clear_gradient()
+        out_context, out = block(x, context, temb)
+        loss = (out * out).sum() + (0 if last else (out_context * out_context).sum())
+        loss.backward()
+        grads = [x.grad.numpy()] + ([] if last else [context.grad.numpy()])
+        return [out.numpy()] + ([] if last else [out_context.numpy()]) + grads
+
+    results, kept = {}, {}
+    for on in (False, True):
+        with monkeypatch.context() as patch:
+            _switch_frozen_factor(patch, on)
+            calls = _count_frozen_factor_calls(patch)
+            results[on] = run()
+            kept[on] = _kept(lambda: block(x, context, temb))
+            # two forwards; each: image stream modulate and gate attn (and attn2) and the MLP, context stream
+            # modulate (the last block's AdaLayerNormContinuous) or modulate and gate attn and the MLP
+            assert len(calls) == on * 2 * (4 + 2 * kind.startswith("sd3.5") + (1 if last else 4))
+    for with_, without in zip(results[True], results[False]):
+        np.testing.assert_array_equal(with_, without)
+    assert kept[True] < kept[False]
+
+
 def test_lora_input_copy_is_made_once_per_tensor():
     """Under autocast (GPU) LoraDown keeps the low-precision copy of its input: to_q, to_k and to_v, called with
     the same tensor, share one copy, with autocast's values; in the matmul's own dtype the input itself."""
@@ -120,8 +243,9 @@ def test_lora_input_copy_is_made_once_per_tensor():
     assert frozen_linear._in_dtype(x, paddle.float32) is x
 
 
-def _switch(patch, frozen, head_recompute, share_lora_input):
-    """Turn the savings on or off for this test (the trainer has all on)."""
+def _switch(patch, frozen, head_recompute, share_lora_input, frozen_factor):
+    """Turn the savings on or off for this test (the trainer has all on). frozen_linear.install() installs
+    frozen_linear and frozen_ops: with frozen_linear off, install does nothing."""
     from discriminator import Discriminator
 
     patch.setattr(paddle.nn.Linear, "forward", frozen_linear.linear_forward if frozen else frozen_linear._UPSTREAM_FORWARD)
@@ -129,6 +253,13 @@ def _switch(patch, frozen, head_recompute, share_lora_input):
         patch.setattr(frozen_linear, "install", lambda: False)
     patch.setattr(Discriminator, "recompute_heads", head_recompute)
     patch.setattr(frozen_linear, "SHARE_LORA_INPUT", share_lora_input)
+    _switch_frozen_factor(patch, frozen_factor)
+
+
+def _switch_frozen_factor(patch, on):
+    patch.setattr(frozen_ops, "ENABLED", on)
+    for cls, forward in (frozen_ops.FORWARDS if on else frozen_ops._UPSTREAM_FORWARDS).items():
+        patch.setattr(cls, "forward", forward)
 
 
 def test_training_is_bit_identical_with_and_without_the_savings(tiny_sd3, tmp_path, monkeypatch):
@@ -147,9 +278,10 @@ def test_training_is_bit_identical_with_and_without_the_savings(tiny_sd3, tmp_pa
                 "--loss_type", "huber", "--num_euler_timesteps", "100", "--multiphase", "4"]
         with monkeypatch.context() as patch:
             patch.setattr(paddle.nn.Linear, "forward", frozen_linear._UPSTREAM_FORWARD)
-            _switch(patch, installed, installed, installed)
+            _switch(patch, installed, installed, installed, installed)
             assert trainer.main(argv) == 0
             assert (paddle.nn.Linear.forward is frozen_linear.linear_forward) == installed
+            assert frozen_ops.ENABLED == installed
         rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
         losses = [{k: v for k, v in row.items() if k.endswith("loss")} for row in rows]
         runs.append((losses, load_file(str(out / "paddle_lora_weights.safetensors"))))
