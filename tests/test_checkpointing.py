@@ -97,7 +97,7 @@ def resume_to_the_end(tiny_sd3, data, out, log_dir, workers):
     return logs
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 2])  # 0 workers: resumed exactly in-process
 def test_sigkill_then_resume_equals_uninterrupted_run(tiny_sd3, resume_data, reference_weights, tmp_path, workers):
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(launch_cmd(tiny_sd3, resume_data, interrupted, tmp_path / "l1", STEPS, workers),
@@ -237,33 +237,31 @@ import paddle.distributed as dist
 import train_pcm_lora_sd3_adv as trainer
 import checkpointing
 dist.init_parallel_env()
-root, mode = sys.argv[1], sys.argv[2]
-folder = os.path.join(root, f"rank{dist.get_rank()}" if mode == "local" else "shared")
-os.makedirs(folder, exist_ok=True)
-try:
-    trainer.check_shared_output_dir(folder)
-    print(f"rank {dist.get_rank()}: shared")
-except checkpointing.CheckpointError as error:
-    print(f"rank {dist.get_rank()}: {error}")
+root = sys.argv[1]
+for mode in ("shared", "local"):
+    folder = os.path.join(root, mode, f"rank{dist.get_rank()}" if mode == "local" else "")
+    os.makedirs(folder, exist_ok=True)
+    try:
+        trainer.check_shared_output_dir(folder)
+        print(f"{mode}: rank {dist.get_rank()}: shared")
+    except checkpointing.CheckpointError as error:
+        print(f"{mode}: rank {dist.get_rank()}: {error}")
 """
 
 
-@pytest.mark.parametrize("mode", ["shared", "local"])
-def test_output_dir_must_be_shared_by_all_ranks(tmp_path, mode):
+def test_output_dir_must_be_shared_by_all_ranks(tmp_path):
     """Two ranks with one folder pass; two ranks each with its own folder (as two nodes with local disks)
     are refused on every rank instead of writing checkpoints that cannot be resumed."""
     script = tmp_path / "probe.py"
     script.write_text(SHARED_DIR_PROBE)
     result = run_python(["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "logs"),
-                         str(script), str(tmp_path / "out"), mode])
+                         str(script), str(tmp_path / "out")])
     assert result.returncode == 0, result.stderr[-2000:]
     logs = [(tmp_path / "logs" / f"workerlog.{r}").read_text() for r in range(2)]
     for rank, text in enumerate(logs):
-        if mode == "shared":
-            assert f"rank {rank}: shared" in text
-            assert not (tmp_path / "out" / "shared" / ".shared-output-dir-check").exists()
-        else:
-            assert f"rank {rank}: --output_dir" in text and "not shared by all ranks" in text
+        assert f"shared: rank {rank}: shared" in text
+        assert not (tmp_path / "out" / "shared" / ".shared-output-dir-check").exists()
+        assert f"local: rank {rank}: --output_dir" in text and "not shared by all ranks" in text
 
 
 def test_tampered_checkpoint_fails_the_strict_load_and_latest_falls_back(tiny_sd3, resume_data, tmp_path, capsys):
