@@ -97,7 +97,7 @@ def resume_to_the_end(tiny_sd3, data, out, log_dir, workers):
     return logs
 
 
-@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 2])  # 0 workers: resumed exactly in-process
+@pytest.mark.parametrize("workers", [0, 2])
 def test_sigkill_then_resume_equals_uninterrupted_run(tiny_sd3, resume_data, reference_weights, tmp_path, workers):
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(launch_cmd(tiny_sd3, resume_data, interrupted, tmp_path / "l1", STEPS, workers),

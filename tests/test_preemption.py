@@ -48,12 +48,11 @@ def stopped_at(out) -> int:
     return steps[-1]
 
 
-@pytest.mark.parametrize("target,workers", [("launcher", 2), pytest.param("every process", 0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("target,workers", [("launcher", 2), ("every process", 0)])
 def test_sigterm_stops_cleanly_and_resume_is_exact(tiny_sd3, resume_data, reference_weights, tmp_path, capsys,
                                                    target, workers):
-    """(Exact resume without DataLoader workers is checked in-process by test_sd35's and test_checkpointing's resume
-    tests, and on 2 ranks by the slow test_sigkill_then_resume...[0]; the resume runs here only for 2 workers, and
-    the "every process" case is slow, to keep the suite's time.)"""
+    """(Exact resume with 0 workers from a checkpoint at any step is test_sigkill_then_resume...[0]; the resume
+    runs here only for 2 workers, to keep the suite's time.)"""
     out = tmp_path / "run"
     proc, ranks, tree = start_job(tiny_sd3, resume_data, out, tmp_path / "l1", workers)
     if target == "launcher":  # a second job on the same --output_dir is refused, before loading anything
