@@ -2,7 +2,7 @@
 # Does it distil? The demonstration on 2 CPU ranks, one command:
 #   1. the toy teacher (assets/toy-teacher, committed; else built by scripts/make_toy_teacher.py into OUT/toy)
 #   2. PCM distillation with the seed command's flags scaled down to the toy world
-#      (huber, w in [3, 4], 100 Euler points, 4 phases, adversarial loss on; rank 16, lr 1e-3 with cosine decay, STEPS steps)
+#      (huber, w in [4, 5] as in the seed command, 100 Euler points, 4 phases, adversarial loss on; rank 16, lr 1e-3 with cosine decay, STEPS steps)
 #   3. scripts/evaluate_pcm.py: teacher 1/2/4 steps and PCM 1/2/4 steps against the teacher's 50-step samples
 # Writes OUT/pcm-lora/ (the run), OUT/toy_distill_grid.png and OUT/evaluation.json; the last line printed is
 # the evaluation JSON. OUT defaults to ./toy-distill-output; STEPS (default 1200) overrides the step count.
@@ -35,8 +35,8 @@ echo "toy teacher: $TOY" >&2
     --loss_type huber \
     --adam_weight_decay 1e-3 \
     --max_train_steps "$STEPS" \
-    --w_min 3 \
-    --w_max 4 \
+    --w_min 4 \
+    --w_max 5 \
     --train_batch_size 8 \
     --checkpointing_steps 100000 \
     --num_validation_images 0 \

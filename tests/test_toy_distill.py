@@ -54,16 +54,17 @@ def test_committed_toy_teacher_matches_its_manifest():
 
 
 def test_short_pcm_run_beats_the_teachers_own_few_steps(tmp_path):
-    """40 steps (20 LoRA updates) on one rank: the student's 2-step samples are already at least 2x closer (latent MSE)
-    to the teacher's 50-step samples than the teacher's own 2-step samples (measured: ~7x). Its 4-step samples are not
-    yet closer than the teacher's own 4 steps after so few updates (see README "Results"), so they are reported, not
-    asserted. Breaks if the LoRA does not learn, the scheduler grid misses the training phases, or the scale is wrong."""
+    """40 steps (20 LoRA updates) on one rank, w in [4, 5] as toy_distill.sh: the student's 2-step samples are already
+    at least 2x closer (latent MSE) to the teacher's 50-step samples than the teacher's own 2-step samples (measured:
+    ~4x). Its 4-step samples are not closer than the teacher's own 4 steps, neither here nor after a whole run (see
+    README "Results"), so they are reported, not asserted. Breaks if the LoRA does not learn, the scheduler grid
+    misses the training phases, or the scale is wrong."""
     run = tmp_path / "run"
     train = run_python([
         "train_pcm_lora_sd3_adv.py", "--pretrained_teacher_model", f"{TOY}/teacher", "--data_path", f"{TOY}/data",
         "--text_embedding_cache_size", "64", "--output_dir", str(run), "--resolution", "32", "--lora_rank", "16",
         "--learning_rate", "1e-3", "--loss_type", "huber", "--max_train_steps", "40", "--train_batch_size", "8",
-        "--w_min", "3", "--w_max", "4", "--num_euler_timesteps", "100", "--multiphase", "4",
+        "--w_min", "4", "--w_max", "5", "--num_euler_timesteps", "100", "--multiphase", "4",
         "--num_validation_images", "0", "--report_to", "none", "--seed", "0", "--checkpointing_steps", "1000"])
     assert train.returncode == 0, train.stderr[-3000:]
     evaluate = run_python(["scripts/evaluate_pcm.py", "--teacher", f"{TOY}/teacher", "--lora", str(run), "--steps", "2", "4",
@@ -73,7 +74,7 @@ def test_short_pcm_run_beats_the_teachers_own_few_steps(tmp_path):
     assert EVALUATION_KEYS <= set(result) and result["reference_steps"] == 50
     for who in ("teacher", "student"):
         assert set(result[who]) == {"2", "4"} and all(set(m) == {"mse", "psnr", "adherence"} for m in result[who].values())
-    assert result["guidance_scale"] == 4.5 and result["lora_scale"] == 0.5 and result["pcm_timesteps"] == 100
+    assert result["guidance_scale"] == 5.5 and result["lora_scale"] == 0.5 and result["pcm_timesteps"] == 100
     assert result["student"]["2"]["mse"] < result["teacher"]["2"]["mse"] / 2, result
     with Image.open(tmp_path / "grid.png") as grid:  # teacher 50 | teacher 4 | PCM 4 | PCM 2, 4 rows
         assert grid.size == (200 + 4 * 128, 16 + 4 * 128)
