@@ -54,9 +54,15 @@ echo "teacher: $TOY/teacher   data: $TOY/data"
     --adv_lr "1e-5" \
     --report_to wandb
 
-"$PY" scripts/evaluate_pcm.py --teacher "$TOY/teacher" --lora "$OUT/lora_toy_PCM_sd3" --steps 4 --num_prompts 6 \
-    --noises_per_prompt 2 --output "$OUT/teacher_vs_pcm_4step.png" 2>/dev/null | tail -n 1
-"$PY" scripts/infer.py --pretrained_teacher_model "$TOY/teacher" --lora "$OUT/lora_toy_PCM_sd3" --prompt "$PROMPT" \
-    --num_inference_steps 4 --pcm_timesteps 100 --guidance_scale 1 --output "$OUT/pcm_4step.png" 2>/dev/null > /dev/null
+# library chatter goes to a log; on failure its end is shown
+run_logged() {  # run_logged LOG command...: stdout kept, stderr to LOG
+  local log="$1"; shift
+  "$@" 2> "$log" || { echo "failed: $* (end of $log below)" >&2; tail -n 20 "$log" >&2; exit 1; }
+}
+run_logged "$OUT/evaluate.log" "$PY" scripts/evaluate_pcm.py --teacher "$TOY/teacher" --lora "$OUT/lora_toy_PCM_sd3" \
+    --steps 4 --num_prompts 6 --noises_per_prompt 2 --output "$OUT/teacher_vs_pcm_4step.png" > "$OUT/evaluation.txt"
+tail -n 1 "$OUT/evaluation.txt"
+run_logged "$OUT/infer.log" "$PY" scripts/infer.py --pretrained_teacher_model "$TOY/teacher" --lora "$OUT/lora_toy_PCM_sd3" \
+    --prompt "$PROMPT" --num_inference_steps 4 --pcm_timesteps 100 --guidance_scale 1 --output "$OUT/pcm_4step.png" > /dev/null
 echo "LoRA: $OUT/lora_toy_PCM_sd3/paddle_lora_weights.safetensors"
 echo "image: $OUT/teacher_vs_pcm_4step.png (teacher 50 steps | teacher 4 steps | PCM 4 steps; JSON above: latent MSE to the 50-step samples)"
