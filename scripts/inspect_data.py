@@ -88,17 +88,18 @@ def inspect(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_path", required=True)
-    parser.add_argument("--resolution", type=int, default=1024)
-    parser.add_argument("--center_crop", action="store_true")
-    parser.add_argument("--random_flip", action="store_true")
-    parser.add_argument("--min_image_size", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data_path", required=True, help="tar shards, brace pattern, one tar, or image+txt folder")
+    parser.add_argument("--resolution", type=int, default=1024, help="training resolution")
+    parser.add_argument("--center_crop", action="store_true", help="centre crop (else random crop)")
+    parser.add_argument("--random_flip", action="store_true", help="random horizontal flip")
+    parser.add_argument("--min_image_size", type=int, default=0, help="skip images whose shorter side is below this (0: keep all)")
     parser.add_argument("--max_member_bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
-                        help="skip samples with a tar member or file larger than this, unread (default 64 MiB)")
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+                        help="skip samples with a tar member or file larger than this many bytes, unread")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--batch_size", type=int, default=16, help="samples per batch")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed")
     args = parser.parse_args(argv)
     try:
         report = inspect(
