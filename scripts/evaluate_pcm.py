@@ -15,6 +15,18 @@ pixel PSNR and the caption adherence (share of colour, shape and background read
 The grid has one row per prompt (first noise): teacher 50 steps | teacher n | PCM n ... for n in
 descending ``--steps`` (without ``--lora``: the teacher's columns only). The last printed line is JSON:
 ``{"reference_steps", "reference_adherence", "teacher": {"n": {"mse", "psnr", "adherence"}}, "student": ...}``.
+With ``--lora`` it also reports two baselines sampled on the student's grid (the PCM scheduler): ``teacher_pcm_grid``
+(the teacher with its guidance) and ``student_at_init`` (the teacher without guidance, i.e. the student before
+training, whose LoRA adds zero), so that what the training added is visible apart from the grid.
+
+``--per_phase`` (with ``--lora``) adds where the few-step error comes from, phase by phase on the PCM grid of
+``--multiphase`` phases (the run's): from a start point at a phase's first sigma, one jump to the phase's end by
+the teacher (one guided Euler step) and by the student, each against the guided ODE from that start point
+(``PHASE_ODE_STEPS`` Euler steps per phase). Two kinds of start points: ``on_trajectory`` -- where the sampler
+really is, the guided ODE's own path from the fixed noises (so the jumps are what a 4-step sampler does with a
+perfect past); ``on_noised_data`` -- what PCM trains on, ``(1 - sigma) x0 + sigma eps`` for toy-world images x0 of
+the prompts. Key ``per_phase``: ``{"sigmas", "on_trajectory": {"teacher_euler", "student"}, "on_noised_data":
+{...}}``, latent MSE per phase.
 """
 from __future__ import annotations
 
@@ -37,6 +49,7 @@ from pcm_fm_deterministic_scheduler import PCMFMDeterministicScheduler  # noqa: 
 from tracking import quiet_library_logging  # noqa: E402
 
 REFERENCE_STEPS = 50
+PHASE_ODE_STEPS = 50  # guided Euler steps per phase for the per-phase ground truth
 
 
 def run_args(lora: str) -> dict:
@@ -81,6 +94,68 @@ def metrics(latents, images, reference_latents, reference_images, attributes) ->
             "adherence": round(float(np.mean([adherence(i, a) for i, a in zip(images, attributes)])), 4)}
 
 
+class PhaseProbe:
+    """The per-phase jumps of ``--per_phase``: start points, their guided-ODE ends and the teacher's one-step jumps
+    are computed on the teacher (before the LoRA is loaded); ``student`` then measures the LoRA's jumps."""
+
+    def __init__(self, sampler: Sampler, attributes: list, guidance: float, sigmas: np.ndarray, seed: int):
+        from make_toy_teacher import render
+
+        pipe, self.sampler, self.sigmas = sampler.pipe, sampler, [float(x) for x in sigmas]
+        self.embeds, negative, self.pooled, negative_pooled = pipe.encode_prompt(
+            prompt=sampler.prompts, prompt_2=None, prompt_3=None, negative_prompt=[""] * len(sampler.prompts),
+            do_classifier_free_guidance=True)
+        self.cfg = (paddle.concat([negative, self.embeds]), paddle.concat([negative_pooled, self.pooled]), guidance)
+        rng = np.random.default_rng(seed)
+        pixels = np.stack([np.asarray(render(*a, rng), np.float32) for a in attributes]) / 127.5 - 1.0
+        vae = pipe.vae
+        x0 = vae.encode(paddle.to_tensor(pixels.transpose(0, 3, 1, 2))).latent_dist.mean
+        x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
+        eps = paddle.to_tensor(rng.standard_normal(x0.shape).astype("float32"))
+        phases = range(len(self.sigmas) - 1)
+        trajectory = [sampler.noises]
+        for j in phases:  # the guided ODE's own path through the phase boundaries
+            trajectory.append(self._ode(trajectory[-1], j))
+        noised = [(1.0 - self.sigmas[j]) * x0 + self.sigmas[j] * eps for j in phases]
+        self.starts = {"on_trajectory": trajectory[:-1], "on_noised_data": noised}
+        self.ends = {"on_trajectory": trajectory[1:], "on_noised_data": [self._ode(x, j) for j, x in zip(phases, noised)]}
+        self.teacher = {kind: self._errors(kind, self._guided) for kind in self.starts}
+
+    def _velocity(self, x, sigma, embeds, pooled, **kwargs):
+        timestep = paddle.full([embeds.shape[0]], sigma * 1000.0, dtype="float32")
+        return self.sampler.pipe.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
+                                             pooled_projections=pooled, return_dict=False, **kwargs)[0]
+
+    def _guided(self, x, sigma):
+        embeds, pooled, guidance = self.cfg
+        uncond, cond = self._velocity(paddle.concat([x, x]), sigma, embeds, pooled).chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    def _ode(self, x, phase: int):
+        """The guided ODE from ``x`` at the phase's first sigma to its end: PHASE_ODE_STEPS Euler steps, uniform in
+        the unshifted time (the shifted sigmas' preimage) as the training grid is."""
+        shift = float(self.sampler.pipe.scheduler.config.shift)
+        unshift = [s / (shift - (shift - 1.0) * s) for s in self.sigmas[phase: phase + 2]]
+        sigmas = [shift * u / (1.0 + (shift - 1.0) * u) for u in np.linspace(unshift[0], unshift[1], PHASE_ODE_STEPS + 1)]
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            x = x + (sigma_next - sigma) * self._guided(x, sigma)
+        return x
+
+    def _errors(self, kind: str, velocity) -> list:
+        errors = []
+        for j, (start, end) in enumerate(zip(self.starts[kind], self.ends[kind])):
+            jump = start + (self.sigmas[j + 1] - self.sigmas[j]) * velocity(start, self.sigmas[j])
+            errors.append(round(float(((jump - end) ** 2).mean()), 5))
+        return errors
+
+    def student(self, scale: float) -> dict:
+        def velocity(x, sigma):
+            return self._velocity(x, sigma, self.embeds, self.pooled, joint_attention_kwargs={"scale": scale})
+
+        return {"sigmas": [round(x, 5) for x in self.sigmas],
+                **{kind: {"teacher_euler": self.teacher[kind], "student": self._errors(kind, velocity)} for kind in self.starts}}
+
+
 def write_grid(path: str, columns: list, captions: list, every: int, zoom: int = 4) -> None:
     """Rows: prompts (first noise of each); columns: ``(label, images)``; labels on top, captions on the left."""
     tile = columns[0][1][0].width * zoom
@@ -110,7 +185,12 @@ def main(argv=None) -> int:
                    help="teacher CFG scale (1 + w); default 1 + the middle of the run's [w_min, w_max], else 4")
     p.add_argument("--pcm_timesteps", type=int, default=None, help="default: the run's --num_euler_timesteps, else 50")
     p.add_argument("--lora_scale", type=float, default=None, help="default: what scripts/infer.py uses (alpha / the weights' rank, or the scale recorded in the file)")
+    p.add_argument("--multiphase", type=int, default=None, help="phases of --per_phase; default: the run's --multiphase, else 4")
+    p.add_argument("--per_phase", action="store_true",
+                   help="also measure each phase's one-step jump, teacher vs student, on the sampler's path and on noised data")
     args = p.parse_args(argv)
+    if args.per_phase and not args.lora:
+        p.error("--per_phase needs --lora")
     for name in ("teacher", "lora"):
         path = getattr(args, name)
         if path is not None and not os.path.exists(path):
@@ -149,12 +229,25 @@ def main(argv=None) -> int:
         scale = args.lora_scale if args.lora_scale is not None else lora_file_scale(args.lora)
         shift = float(sampler.pipe.scheduler.config.shift)
         sampler.pipe.scheduler = PCMFMDeterministicScheduler(1000, shift, pcm_timesteps)
+        probe = None
+        if args.per_phase:
+            sampler.pipe.scheduler.set_timesteps(args.multiphase or trained.get("multiphase", 4))
+            with paddle.no_grad():
+                probe = PhaseProbe(sampler, attributes, guidance, sampler.pipe.scheduler.sigmas.numpy(), args.seed + 1)
+        # Two baselines on the student's own grid, before the LoRA is loaded: the teacher with its guidance, and the
+        # student's starting point (the teacher without guidance: a LoRA whose B is zero)
+        for key, baseline_guidance in (("teacher_pcm_grid", guidance), ("student_at_init", 1.0)):
+            result[key] = {str(n): metrics(*sampler.sample(n, baseline_guidance), reference_latents, reference_images,
+                                           attributes) for n in steps}
         sampler.pipe.load_lora_weights(args.lora)
         result.update(student={}, lora_scale=scale, pcm_timesteps=pcm_timesteps)
         for n in steps:
             latents, images = sampler.sample(n, 1.0, joint_attention_kwargs={"scale": scale})
             result["student"][str(n)] = metrics(latents, images, reference_latents, reference_images, attributes)
             columns.append((f"PCM {n}", images))
+        if probe is not None:
+            with paddle.no_grad():
+                result["per_phase"] = probe.student(scale)
     write_grid(args.output, columns, prompts[::every], every)
     print(f"grid: {args.output}")
     print(json.dumps(result))
