@@ -4,7 +4,7 @@
     python scripts/make_toy_teacher.py --output_dir toy [--seed 0] [--verify]
 
 The toy world: 32 px images of one shape (circle, square, triangle) in one colour on a background of
-another (red, green, blue, yellow), with a little random jitter of position and size, captioned
+another (red, green, blue, yellow), anywhere in the middle three quarters of the image and of random size, captioned
 "a red circle on a blue background" (36 captions). The caption determines what is visible, and
 :func:`classify` reads colour and shape back from pixels, so caption adherence is measurable.
 
@@ -45,6 +45,8 @@ from make_tiny_sd3 import make_tiny_sd3  # noqa: E402
 TOY_COLOURS = ("red", "green", "blue", "yellow")
 TOY_SHAPES = ("circle", "square", "triangle")
 IMAGE_SIZE = 32
+POSITION_JITTER = 0.25  # the shape's centre: the image centre +- this fraction of the image, uniform in x and y
+RADIUS_RANGE = (0.16, 0.24)  # its half-width, as a fraction of the image, uniform
 MANIFEST = "toy_teacher.json"
 
 
@@ -60,12 +62,15 @@ def toy_attributes() -> list:
     return [(fg, shape, bg) for fg in TOY_COLOURS for shape in TOY_SHAPES for bg in TOY_COLOURS if fg != bg]
 
 
-def render(fg: str, shape: str, bg: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
-    """One image of the caption: the shape centred near the middle, half-width 0.22-0.30 of the image."""
+def render(fg: str, shape: str, bg: str, rng: np.random.Generator, size: int = IMAGE_SIZE,
+           jitter: float = POSITION_JITTER, radius: tuple = RADIUS_RANGE) -> Image.Image:
+    """One image of the caption: the shape's centre uniform within ``jitter`` of the middle, its half-width
+    uniform in ``radius`` (both fractions of the image). The position is what makes the world's flow curved:
+    at high noise the posterior mean is a blur over positions, and the sampler must commit to one."""
     image = Image.new("RGB", (size, size), COLORS[bg])
     draw = ImageDraw.Draw(image)
-    r = size * rng.uniform(0.22, 0.30)
-    cx, cy = size / 2 + rng.uniform(-0.1, 0.1) * size, size / 2 + rng.uniform(-0.1, 0.1) * size
+    r = size * rng.uniform(*radius)
+    cx, cy = size / 2 + rng.uniform(-jitter, jitter) * size, size / 2 + rng.uniform(-jitter, jitter) * size
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[fg])
     elif shape == "square":
@@ -104,10 +109,11 @@ def adherence(image, attributes: tuple) -> float:
     return sum(a == b for a, b in zip(classify(image), attributes)) / 3.0
 
 
-def toy_dataset(seed: int, per_caption: int) -> list:
+def toy_dataset(seed: int, per_caption: int, jitter: float = POSITION_JITTER, radius: tuple = RADIUS_RANGE) -> list:
     """``[(image, caption, attributes)]``: ``per_caption`` images of every caption, a function of ``seed``."""
     rng = np.random.default_rng(seed)
-    return [(render(*attrs, rng), caption(*attrs), attrs) for _ in range(per_caption) for attrs in toy_attributes()]
+    return [(render(*attrs, rng, jitter=jitter, radius=radius), caption(*attrs), attrs)
+            for _ in range(per_caption) for attrs in toy_attributes()]
 
 
 def write_shards(folder: str, samples: list, num_shards: int) -> None:
@@ -271,7 +277,7 @@ def build(output_dir: str, options: dict, log=print) -> dict:
     paddle.set_device("cpu")
     started = time.time()
     seed = options["seed"]
-    samples = toy_dataset(seed, options["images_per_caption"])
+    samples = toy_dataset(seed, options["images_per_caption"], options["position_jitter"], tuple(options["radius_range"]))
     write_shards(os.path.join(output_dir, "data"), samples, num_shards=4)
     teacher = os.path.join(output_dir, "teacher")
     make_tiny_sd3(teacher, seed=seed, num_layers=options["num_layers"], num_attention_heads=options["num_attention_heads"],
@@ -319,6 +325,10 @@ def main(argv=None) -> int:
     p.add_argument("--output_dir", required=True, help="writes DIR/teacher, DIR/data and DIR/toy_teacher.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images_per_caption", type=int, default=16, help="training images per caption (36 captions)")
+    p.add_argument("--position_jitter", type=float, default=POSITION_JITTER,
+                   help="the shapes' centres: image centre +- this fraction of the image (0.1: the first, near-straight world)")
+    p.add_argument("--radius_range", type=float, nargs=2, default=list(RADIUS_RANGE), metavar=("MIN", "MAX"),
+                   help="the shapes' half-widths, fractions of the image (0.22 0.30: the first world)")
     p.add_argument("--num_layers", type=int, default=4, help="transformer blocks")
     p.add_argument("--num_attention_heads", type=int, default=2)
     p.add_argument("--attention_head_dim", type=int, default=16, help="heads x head dim must be a multiple of 32")
