@@ -19,17 +19,25 @@ the same images and the seed command's flags, in interleaved process pairs; medi
    ``.jpg`` + ``.txt`` (what the reference's ``CustomImageDataset`` reads) and as webdataset shards (this port).
 3. The reference's three files are copied to a temporary folder and changed there only where they cannot run
    here; the diff is printed: the hard-coded dataset path; ``check_min_version("0.30.0.dev0")`` (a development
-   build of diffusers; the venv has the release 0.29.2, which has everything the files use); the discriminator's
-   SD3-medium wiring (24 heads of width 1536 on a 64x64 token grid, i.e. 1024 px) set to the teacher's blocks,
-   width and token grid. Nothing is changed for the CPU: its ``torch.autocast("cuda")`` only warns and is off.
+   build of diffusers; the venv has the release 0.29.2, which has everything the files use); the heads' Adam
+   ``betas=(0, 0.999)`` written ``(0.0, 0.999)`` (current torch rejects an int beta beside a float); the
+   discriminator's SD3-medium wiring (24 heads of width 1536 on a 64x64 token grid, i.e. 1024 px) set to the
+   teacher's blocks, width and token grid. Nothing is changed for the CPU: ``torch.autocast("cuda")`` only warns
+   and is off.
 4. ``--pairs`` pairs of processes, order alternating. The reference runs as a script (``runpy``) under a runner
    that wraps tqdm's ``update`` (the reference calls ``progress_bar.update(1)`` once per step) to record
    ``time.perf_counter()``, and library methods (text encoders, VAE encode, transformer forward, discriminator,
    ``accelerator.backward``, optimizer step, DataLoader) to split the time by phase; it ends the process after
    the last timed step (after its loop the reference saves the LoRA, loads the pipeline twice and then stops
-   with an AttributeError: it reads ``args.validation_prompt``, which its parser does not define). This port runs ``scripts/benchmark.py`` (its trainer in process, timed per step, with its
-   phase split). Both: ``--warmup_steps`` untimed steps (even, so D and G steps alternate alike; torch needs
-   a few steps to reach its steady speed on CPU), then ``--steps`` timed; s/step = their mean. OMP_NUM_THREADS, MKL_NUM_THREADS and torch's threads = ``--threads``.
+   with an AttributeError: it reads ``args.validation_prompt``, which its parser does not define). This port
+   runs ``scripts/benchmark.py`` (its trainer in process, timed per step, with its phase split). Both:
+   ``--warmup_steps`` untimed steps (even, so D and G steps alternate alike; torch needs a few steps to reach
+   its steady speed on CPU), then ``--steps`` timed; s/step = their mean. OMP_NUM_THREADS, MKL_NUM_THREADS and
+   torch's threads = ``--threads``.
+
+Measure on an idle machine: each pair prints the 1-minute load. When other jobs take a core, torch's OpenMP
+threads lose far more than Paddle's (seen here with 2 threads: the reference up to 30x slower, Paddle 2-3x), and
+the ratio then says more about the contention than about the two trainers.
 
 Flags on both sides: the seed command's (README "Training on GPUs"): huber loss, lr 5e-6, weight decay 1e-3,
 w 4-5, batch 2, seed 453645634, 100 Euler steps, 4 phases, adversarial weight 0.1 and lr 1e-5, no-op xformers
@@ -79,6 +87,7 @@ REFERENCE_FILES = ("train_pcm_lora_sd3_adv.py", "discriminator_sd3.py", "pcm_fm_
 PHASES = ["data", "text_encoding", "vae", "student_forward", "teacher_forward", "target_forward", "discriminator",
           "backward", "optimizer"]
 PADDLE_ONLY_CONFIG_KEYS = ("paddlenlp_version", "tensor_parallel_output")
+TRANSFORMER_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
 NEVER = "1000000"  # --validation_steps / --checkpointing_steps beyond the run
 
 
@@ -117,7 +126,7 @@ def reference_changes(train: str, discriminator: str, images: str, teacher_confi
 
 
 def copy_reference(reference_dir: str, target: str, images: str, teacher_config: dict, resolution: int) -> str:
-    """The reference's files in ``target`` with :func:`reference_changes` applied; returns the printed diff."""
+    """The reference's files in ``target`` with :func:`reference_changes` applied; returns the unified diff."""
     source = os.path.join(reference_dir, "code", "text_to_image_sd3")
     source = source if os.path.isdir(source) else reference_dir
     for name in REFERENCE_FILES:
@@ -213,9 +222,6 @@ def worker_convert(spec: dict) -> None:
         sample = transformer(**{k: torch.from_numpy(inputs[k]) for k in TRANSFORMER_INPUTS}).sample
     np.savez(spec["outputs"], prompt_embeds=embeds.numpy(), pooled=pooled.numpy(), latents=latents.numpy(),
              transformer=sample.numpy())
-
-
-TRANSFORMER_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
 
 
 class StepClock:
@@ -369,11 +375,16 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)"
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="teacher size (module docstring)")
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: tiny 128, small 256)")
-    p.add_argument("--lora_rank", type=int, default=4)
+    p.add_argument("--lora_rank", type=int, default=4, help="LoRA rank on both sides")
     p.add_argument("--reference_dir", help="checkout of G-U-N/Phased-Consistency-Model (or its code/text_to_image_sd3)")
     p.add_argument("--torch_python", default="/work/torchvenv/bin/python", help="python of the torch venv")
     p.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "compare_reference_trainer"),
