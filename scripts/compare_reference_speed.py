@@ -109,30 +109,60 @@ def worker_paddle(args, config, inputs) -> dict:
     return result
 
 
-def convert_to_torch(paddle_state: dict, torch_keys) -> dict:
-    """Paddle SD3 transformer weights -> diffusers names and layouts (Linear weights are [in, out] in Paddle).
-    Paddle's AdaLayerNormContinuous LayerNorms carry a bias diffusers does not have; it must be zero."""
+def to_torch_layout(paddle_state: dict, torch_keys, linear_weights) -> dict:
+    """Paddle weights (numpy) -> the names and layouts of a torch model with the state-dict keys ``torch_keys``.
+    Linear weights (``linear_weights``: their names) are [in, out] in Paddle and [out, in] in torch; everything
+    else (embeddings, convolutions, norms) is stored alike. A Paddle weight the torch model has no place for is an
+    error, except a zero LayerNorm bias (Paddle's AdaLayerNormContinuous has one, diffusers' has none)."""
     import numpy as np
-    import torch
 
     extra = sorted(set(paddle_state) - set(torch_keys))
     nonzero = [k for k in extra if not (k.endswith("norm.bias") and not np.any(paddle_state[k]))]
     if nonzero:
-        raise SystemExit(f"weights diffusers' SD3 transformer has no place for: {nonzero}")
-    return {k: torch.from_numpy(v.T.copy() if v.ndim == 2 and k.endswith(".weight") else v)
-            for k, v in paddle_state.items() if k not in extra}
+        raise ValueError(f"weights the torch model has no place for: {nonzero}")
+    return {k: np.ascontiguousarray(v.T) if k in linear_weights else v for k, v in paddle_state.items() if k not in extra}
+
+
+def convert_to_torch(paddle_state: dict, model) -> dict:
+    """``to_torch_layout`` for the torch module ``model``, as torch tensors (its Linear layers found by type)."""
+    import torch
+
+    linear = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    converted = to_torch_layout(paddle_state, model.state_dict().keys(), linear)
+    return {k: torch.from_numpy(v) for k, v in converted.items()}
+
+
+def allow_torchvision_without_ops() -> None:
+    """PyPI's torchvision wheels are built for CUDA torch: with the CPU torch their C++ ops do not load, and then
+    ``import torchvision`` (which transformers and diffusers do when it is installed) fails registering fake kernels
+    for ``nms``/``qnms``. Declaring those two ops first lets it import; its PIL transforms work, the detection ops
+    stay unavailable. Does nothing when torchvision is absent or its ops load."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        return
+    try:
+        torch.ops.load_library(os.path.join(spec.submodule_search_locations[0], "_C.so"))
+    except OSError:
+        for op in ("nms", "qnms"):
+            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 
 
 def worker_torch(args, config, inputs) -> dict:
     import torch
     import torch.nn.functional as F
+
+    allow_torchvision_without_ops()
     from diffusers import SD3Transformer2DModel
     from safetensors.numpy import load_file
 
     torch.set_num_threads(args.threads)
     model = SD3Transformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
     state = load_file(os.path.join(args.teacher, "transformer", "diffusion_paddle_model.safetensors"))
-    missing, _ = model.load_state_dict(convert_to_torch(state, model.state_dict().keys()), strict=False)
+    missing, _ = model.load_state_dict(convert_to_torch(state, model), strict=False)
     if [k for k in missing if not k.endswith("pos_embed.pos_embed")]:  # the sin-cos table is computed, not loaded
         raise SystemExit(f"weight conversion: missing {missing}")
     model.requires_grad_(False).eval()
