@@ -16,11 +16,8 @@ What is timed, in each framework, in its own process (OMP_NUM_THREADS and the fr
 The Paddle side is this repository's stack (``paddle_compat`` first, so with its CPU settings); the torch side
 is diffusers' ``SD3Transformer2DModel`` with the Paddle weights converted (Linear weights transposed). The two
 forwards are checked to agree (max abs difference printed). The torch side needs a separate venv that is not
-part of requirements.txt (the reference's versions)::
-
-    python3.11 -m venv /work/torchvenv
-    /work/torchvenv/bin/pip install torch==2.2.0 diffusers==0.29.2 transformers==4.38.2 peft==0.9.0 \\
-        accelerate==0.27.2 numpy==1.26.4 safetensors huggingface_hub==0.25.2
+part of requirements.txt: the same venv as ``scripts/compare_reference_trainer.py`` (its docstring has the
+command; torch 2.13.0's CPU build, diffusers 0.29.2), with which the README's numbers were measured.
 
 This is not the whole reference trainer (its data path, discriminator and accelerate loop are hard-wired to
 1024 px SD3-medium on GPUs); it times the pieces that take >90 % of a step. Last line: one JSON object.
