@@ -25,8 +25,8 @@ the teacher (one guided Euler step) and by the student, each against the guided 
 (``PHASE_ODE_STEPS`` Euler steps per phase). Two kinds of start points: ``on_trajectory`` -- where the sampler
 really is, the guided ODE's own path from the fixed noises (so the jumps are what a 4-step sampler does with a
 perfect past); ``on_noised_data`` -- what PCM trains on, ``(1 - sigma) x0 + sigma eps`` for toy-world images x0 of
-the prompts. Key ``per_phase``: ``{"sigmas", "on_trajectory": {"teacher_euler", "student"}, "on_noised_data":
-{...}}``, latent MSE per phase.
+the prompts, rendered with the world options in the teacher's ``toy_teacher.json`` (the defaults without one).
+Key ``per_phase``: ``{"sigmas", "on_trajectory": {"teacher_euler", "student"}, "on_noised_data": {...}}``, latent MSE per phase.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import paddle  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from convert_lora import lora_file_scale  # noqa: E402  (the scale infer.py uses: from the weights' rank and metadata)
-from make_toy_teacher import adherence, caption, toy_attributes  # noqa: E402
+from make_toy_teacher import adherence, caption, read_manifest, toy_attributes  # noqa: E402
 from pcm_fm_deterministic_scheduler import PCMFMDeterministicScheduler  # noqa: E402
 from tracking import quiet_library_logging  # noqa: E402
 
@@ -98,8 +98,9 @@ class PhaseProbe:
     """The per-phase jumps of ``--per_phase``: start points, their guided-ODE ends and the teacher's one-step jumps
     are computed on the teacher (before the LoRA is loaded); ``student`` then measures the LoRA's jumps."""
 
-    def __init__(self, sampler: Sampler, attributes: list, guidance: float, sigmas: np.ndarray, seed: int):
-        from make_toy_teacher import render
+    def __init__(self, sampler: Sampler, attributes: list, guidance: float, sigmas: np.ndarray, seed: int,
+                 world: dict):
+        from make_toy_teacher import POSITION_JITTER, RADIUS_RANGE, render
 
         pipe, self.sampler, self.sigmas = sampler.pipe, sampler, [float(x) for x in sigmas]
         self.embeds, negative, self.pooled, negative_pooled = pipe.encode_prompt(
@@ -107,7 +108,9 @@ class PhaseProbe:
             do_classifier_free_guidance=True)
         self.cfg = (paddle.concat([negative, self.embeds]), paddle.concat([negative_pooled, self.pooled]), guidance)
         rng = np.random.default_rng(seed)
-        pixels = np.stack([np.asarray(render(*a, rng), np.float32) for a in attributes]) / 127.5 - 1.0
+        jitter, radius = world.get("position_jitter", POSITION_JITTER), tuple(world.get("radius_range", RADIUS_RANGE))
+        pixels = np.stack([np.asarray(render(*a, rng, jitter=jitter, radius=radius), np.float32)
+                           for a in attributes]) / 127.5 - 1.0
         vae = pipe.vae
         x0 = vae.encode(paddle.to_tensor(pixels.transpose(0, 3, 1, 2))).latent_dist.mean
         x0 = (x0 - vae.config.shift_factor) * vae.config.scaling_factor
@@ -233,7 +236,9 @@ def main(argv=None) -> int:
         if args.per_phase:
             sampler.pipe.scheduler.set_timesteps(args.multiphase or trained.get("multiphase", 4))
             with paddle.no_grad():
-                probe = PhaseProbe(sampler, attributes, guidance, sampler.pipe.scheduler.sigmas.numpy(), args.seed + 1)
+                manifest = read_manifest(os.path.dirname(os.path.abspath(args.teacher))) or {}  # the teacher's world
+                probe = PhaseProbe(sampler, attributes, guidance, sampler.pipe.scheduler.sigmas.numpy(), args.seed + 1,
+                                   manifest.get("options", {}))
         # Two baselines on the student's own grid, before the LoRA is loaded: the teacher with its guidance, and the
         # student's starting point (the teacher without guidance: a LoRA whose B is zero)
         for key, baseline_guidance in (("teacher_pcm_grid", guidance), ("student_at_init", 1.0)):
