@@ -26,6 +26,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
+import frozen_ops
+
 
 class FrozenWeightLinear(PyLayer):
     """``F.linear(x, weight, bias)`` with a gradient for ``x`` only, saving ``weight`` (a parameter that
@@ -36,7 +38,7 @@ class FrozenWeightLinear(PyLayer):
     def forward(ctx, x, weight, bias=None):
         ctx.save_for_backward(weight)
         ctx.input_dtype = x.dtype
-        return F.linear(x, weight, bias)
+        return frozen_ops.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -104,9 +106,10 @@ def _is_frozen(param) -> bool:
 
 
 def linear_forward(self, input):
-    """``paddle.nn.Linear.forward``, through :class:`FrozenWeightLinear` where only the input needs a gradient."""
+    """``paddle.nn.Linear.forward``, through :class:`FrozenWeightLinear` where only the input needs a gradient, and
+    with a frozen bias added expanded on CPU (``frozen_ops.linear``)."""
     if input.stop_gradient or not _is_frozen(self.weight) or not _is_frozen(self.bias) or not paddle.is_grad_enabled():
-        return _UPSTREAM_FORWARD(self, input)
+        return frozen_ops.linear(input, self.weight, self.bias)
     if self.bias is None:
         return FrozenWeightLinear.apply(input, self.weight)
     return FrozenWeightLinear.apply(input, self.weight, self.bias)
@@ -118,8 +121,6 @@ _UPSTREAM_FORWARD = paddle.nn.Linear.forward
 def install() -> bool:
     """Route frozen ``paddle.nn.Linear`` layers through :class:`FrozenWeightLinear` and the SD3 blocks' frozen
     AdaLN products through ``frozen_ops`` (idempotent). Returns whether this call changed anything."""
-    import frozen_ops  # here: it imports ppdiffusers
-
     changed = frozen_ops.install()
     if paddle.nn.Linear.forward is linear_forward:
         return changed
