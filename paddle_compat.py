@@ -113,6 +113,8 @@ import paddle.nn.functional as F  # noqa: E402
 
 CPU_SETTINGS.update(set_cpu_flags(paddle))
 
+import cpu_kernels  # noqa: E402  (the compiled CPU softmax of math_attention)
+
 # --- 1. ParameterDict mapping methods ---------------------------------------------------
 def _patch_parameter_dict() -> bool:
     """Give ``paddle.nn.ParameterDict`` the mapping methods ppdiffusers.peft uses."""
@@ -166,7 +168,7 @@ def math_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         if attn_mask.dtype == paddle.bool:
             attn_mask = paddle.where(attn_mask, paddle.zeros([], scores.dtype), paddle.full([], float("-inf"), scores.dtype))
         scores = scores + attn_mask.astype(scores.dtype)
-    probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+    probs = cpu_kernels.softmax(scores.astype("float32")).astype(q.dtype)  # F.softmax off CPU
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p, training=training)
     return paddle.matmul(probs, v).transpose([0, 2, 1, 3])

@@ -1,0 +1,181 @@
+// Softmax over the last axis of a CPU float32 tensor, forward and backward: the kernels cpu_kernels.py compiles
+// (with paddle.utils.cpp_extension) for attention on CPU, where Paddle's own softmax is single-threaded scalar code.
+//
+// Each row is independent. Rows are split into `threads` contiguous ranges, one per std::thread. Within a row the
+// sums run in 16 fixed lanes (element i adds into lane i % 16), combined in a fixed order, and every operation is a
+// single IEEE operation (built with -ffp-contract=off), so the result depends only on the row's values: not on the
+// thread count, the tensor's address or the instruction set. exp is the Cephes single-precision polynomial
+// (relative error < 4e-7), on 16-float GCC vectors.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "paddle/extension.h"
+
+namespace {
+
+// 16 floats; GCC lowers the arithmetic to AVX-512, two AVX2 or four SSE registers, whatever the build targets.
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline vfloat splat(float x) { return vfloat{} + x; }
+
+// exp(x), lane by lane.
+inline vfloat exp_poly(vfloat x) {
+  x = x < splat(-87.33654f) ? splat(-87.33654f) : x;  // exp(-87.34) ~ 1.2e-38, the smallest normal float
+  x = x > splat(88.72283f) ? splat(88.72283f) : x;
+  const vfloat round = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const vfloat n = (x * 1.44269504088896341f + round) - round;
+  vfloat r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float sum_lanes(vfloat v) {
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += v[j];
+  return s;
+}
+
+inline vfloat lane_index() {
+  vfloat v;
+  for (int j = 0; j < kLanes; ++j) v[j] = static_cast<float>(j);
+  return v;
+}
+
+// The last n % 16 elements of a row, zero-filled to a full vector; `valid` selects them.
+inline vfloat load_tail(const float* p, int64_t count) {
+  float buffer[kLanes] = {0.0f};
+  std::memcpy(buffer, p, count * sizeof(float));
+  return load(buffer);
+}
+
+inline void store_tail(float* p, vfloat v, int64_t count) {
+  float buffer[kLanes];
+  store(buffer, v);
+  std::memcpy(p, buffer, count * sizeof(float));
+}
+
+void softmax_rows(const float* x, float* y, int64_t begin, int64_t end, int64_t n) {
+  const int64_t full = n / kLanes * kLanes, tail = n - full;
+  const vfloat valid_tail = lane_index() < splat(static_cast<float>(tail)) ? splat(1.0f) : splat(0.0f);
+  for (int64_t row = begin; row < end; ++row) {
+    const float* xr = x + row * n;
+    float* yr = y + row * n;
+    vfloat vmax = splat(xr[0]);  // the row's maximum (exact in any order)
+    for (int64_t i = 0; i < full; i += kLanes) {
+      const vfloat v = load(xr + i);
+      vmax = v > vmax ? v : vmax;
+    }
+    float m = xr[0];
+    for (int j = 0; j < kLanes; ++j) m = vmax[j] > m ? vmax[j] : m;
+    for (int64_t i = full; i < n; ++i) m = xr[i] > m ? xr[i] : m;
+    const vfloat vm = splat(m);
+    vfloat lanes = splat(0.0f);
+    for (int64_t i = 0; i < full; i += kLanes) {
+      const vfloat e = exp_poly(load(xr + i) - vm);
+      store(yr + i, e);
+      lanes += e;
+    }
+    vfloat e_tail = splat(0.0f);
+    if (tail) {
+      e_tail = exp_poly(load_tail(xr + full, tail) - vm) * valid_tail;
+      lanes += e_tail;
+    }
+    const vfloat inv = splat(1.0f / sum_lanes(lanes));
+    for (int64_t i = 0; i < full; i += kLanes) store(yr + i, load(yr + i) * inv);
+    if (tail) store_tail(yr + full, e_tail * inv, tail);
+  }
+}
+
+// dx = y * (dy - sum(dy * y)) per row
+void softmax_grad_rows(const float* y, const float* dy, float* dx, int64_t begin, int64_t end, int64_t n) {
+  const int64_t full = n / kLanes * kLanes, tail = n - full;
+  for (int64_t row = begin; row < end; ++row) {
+    const float* yr = y + row * n;
+    const float* dyr = dy + row * n;
+    float* dxr = dx + row * n;
+    vfloat lanes = splat(0.0f);
+    for (int64_t i = 0; i < full; i += kLanes) lanes += load(dyr + i) * load(yr + i);
+    if (tail) lanes += load_tail(dyr + full, tail) * load_tail(yr + full, tail);
+    const vfloat dot = splat(sum_lanes(lanes));
+    for (int64_t i = 0; i < full; i += kLanes) store(dxr + i, load(yr + i) * (load(dyr + i) - dot));
+    if (tail) store_tail(dxr + full, load_tail(yr + full, tail) * (load_tail(dyr + full, tail) - dot), tail);
+  }
+}
+
+// Runs fn(begin, end) over [0, rows) in up to `threads` contiguous ranges, on the OpenMP threads of Paddle's own
+// runtime (libiomp5, which MKL uses too): after a matmul those threads are awake and waiting for work, where new
+// threads would have to share the cores with them.
+void parallel_rows(int64_t rows, int64_t n, int64_t threads, const std::function<void(int64_t, int64_t)>& fn) {
+  constexpr int64_t kMinElementsPerThread = 1 << 16;
+  threads = std::max<int64_t>(1, std::min(threads, rows * n / kMinElementsPerThread));
+  threads = std::min(threads, rows);
+  const int64_t chunk = (rows + threads - 1) / threads;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int64_t t = 0; t < threads; ++t) fn(std::min(rows, t * chunk), std::min(rows, (t + 1) * chunk));
+}
+
+void check(const paddle::Tensor& t, const char* name) {
+  PD_CHECK(t.is_cpu(), "pcm_softmax: ", name, " must be a CPU tensor");
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, "pcm_softmax: ", name, " must be float32");
+  PD_CHECK(t.shape().size() >= 1 && t.numel() > 0, "pcm_softmax: ", name, " must be non-empty");
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> SoftmaxForward(const paddle::Tensor& x, int64_t threads) {
+  check(x, "X");
+  auto out = paddle::empty_like(x);
+  const int64_t n = x.shape().back();
+  const float* xp = x.data<float>();
+  float* yp = out.data<float>();
+  parallel_rows(x.numel() / n, n, threads, [&](int64_t b, int64_t e) { softmax_rows(xp, yp, b, e, n); });
+  return {out};
+}
+
+std::vector<paddle::Tensor> SoftmaxBackward(const paddle::Tensor& out, const paddle::Tensor& grad_out,
+                                            int64_t threads) {
+  check(out, "Out");
+  check(grad_out, "Out@GRAD");
+  auto grad_x = paddle::empty_like(out);
+  const int64_t n = out.shape().back();
+  const float* yp = out.data<float>();
+  const float* dyp = grad_out.data<float>();
+  float* dxp = grad_x.data<float>();
+  parallel_rows(out.numel() / n, n, threads, [&](int64_t b, int64_t e) { softmax_grad_rows(yp, dyp, dxp, b, e, n); });
+  return {grad_x};
+}
+
+PD_BUILD_OP(pcm_softmax)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(SoftmaxForward));
+
+PD_BUILD_GRAD_OP(pcm_softmax)
+    .Inputs({"Out", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .Attrs({"threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(SoftmaxBackward));

@@ -1,0 +1,124 @@
+"""cpu_kernels: the compiled CPU softmax against Paddle's own, its gradient, determinism, and its fallbacks."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import paddle_compat  # noqa: F401
+import paddle
+import paddle.nn.functional as F
+
+import cpu_kernels
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# row lengths around the kernel's 16-float vectors, and the attention rows of the tiny and small teachers
+ROW_LENGTHS = [1, 7, 16, 17, 33, 410]
+
+
+def _scores(rows: int, n: int, seed: int) -> paddle.Tensor:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n)).astype("float32") * rng.uniform(0.1, 30.0, (rows, 1)).astype("float32")
+    x[0] += 1e4  # far from zero: only x - max matters
+    if n > 1:
+        x[1, 0] = -1e30  # an entry whose probability underflows
+    return paddle.to_tensor(x)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = cpu_kernels.kernels()
+    if module is None:
+        pytest.fail("the CPU kernels did not build here (a C++ compiler is part of this machine's set-up)")
+    return module
+
+
+def _exact(x: np.ndarray) -> np.ndarray:
+    shifted = x.astype("float64") - x.max(-1, keepdims=True)
+    return np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("n", ROW_LENGTHS)
+def test_softmax_matches_paddles_and_does_not_depend_on_threads(kernels, n):
+    """Within 1e-6 of the exact (float64) softmax, plus the rounding of ``x - max`` in float32 (relative 2^-24 of it,
+    scaled by ``|x - max|`` in ``exp``), down to the smallest normal float, where Paddle's CPU softmax
+    clips ``x - max`` at -64 (so its probabilities stop at exp(-64) = 1.6e-28; PyTorch's do not); the same bits for
+    1, 2 or 3 threads."""
+    x = _scores(300, n, seed=n)
+    results = [kernels.pcm_softmax(x, threads).numpy() for threads in (1, 2, 3)]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+    fast, exact, paddles = results[0].astype("float64"), _exact(x.numpy()), F.softmax(x, axis=-1).numpy()
+    shift = np.abs(x.numpy() - x.numpy().max(-1, keepdims=True))
+    assert np.all(np.abs(fast - exact) <= (1e-6 + 2 ** -23 * shift) * exact + 2e-38)
+    assert np.all(np.abs(fast - paddles) <= 2e-6 * paddles + 2e-28)
+    if n > 1:
+        assert fast[1, 0] < 2e-38  # exp(-1e30 - max) underflows (Paddle's: 1.6e-28 / its row sum)
+
+
+def test_softmax_gradient_matches_paddles(kernels):
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 3, 40, 41)).astype("float32") * 4)
+    x.stop_gradient = False
+    grad_out = paddle.to_tensor(np.random.default_rng(1).standard_normal(x.shape).astype("float32"))
+    grads = []
+    for fn in (lambda t: F.softmax(t, axis=-1), cpu_kernels.softmax):
+        (grad,) = paddle.grad([fn(x)], [x], [grad_out])
+        grads.append(grad.numpy())
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    assert np.abs(grads[1]).max() > 0.1
+
+
+def test_softmax_uses_the_kernel_only_for_cpu_float32(kernels):
+    x64 = paddle.to_tensor(np.random.default_rng(2).standard_normal((5, 9)))
+    np.testing.assert_array_equal(cpu_kernels.softmax(x64).numpy(), F.softmax(x64, axis=-1).numpy())
+    x = _scores(8, 410, seed=3)
+    np.testing.assert_array_equal(cpu_kernels.softmax(x).numpy(), kernels.pcm_softmax(x, cpu_kernels.threads()).numpy())
+    transposed = x.reshape([8, 10, 41]).transpose([0, 2, 1])  # the kernel reads rows: a copy first if not contiguous
+    np.testing.assert_allclose(cpu_kernels.softmax(transposed).numpy(), F.softmax(transposed, axis=-1).numpy(),
+                               rtol=2e-6, atol=2e-28)
+
+
+def test_attention_with_the_kernel_matches_paddles_softmax(kernels, monkeypatch):
+    rng = np.random.default_rng(4)
+    q, k, v = (paddle.to_tensor(rng.standard_normal((2, 154, 4, 16)).astype("float32")) for _ in range(3))
+    fast = paddle_compat.math_attention(q, k, v).numpy()
+    monkeypatch.setitem(cpu_kernels._LOADED, "module", None)
+    plain = paddle_compat.math_attention(q, k, v).numpy()
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(fast, plain)  # the kernel did run: its exp rounds differently
+
+
+PROBE = textwrap.dedent("""
+    import sys, warnings
+    sys.path.insert(0, {repo!r})
+    import paddle_compat, paddle, paddle.nn.functional as F, cpu_kernels
+    x = paddle.randn([4, 410])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        same = bool((cpu_kernels.softmax(x) == F.softmax(x, axis=-1)).all())
+    print(cpu_kernels.kernels() is None, same, [str(w.message) for w in caught if "cpu_kernels" in str(w.message)])
+""")
+
+
+@pytest.mark.parametrize("case", ["switched_off", "no_compiler"])
+def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
+    """PCM_CPU_KERNELS=0: Paddle's softmax, silently. No working compiler (an empty extension folder): one warning
+    naming the switch, then Paddle's softmax."""
+    env = dict(os.environ, PADDLE_EXTENSION_DIR=str(tmp_path / "extensions"))
+    if case == "switched_off":
+        env["PCM_CPU_KERNELS"] = "0"
+    else:
+        env.pop("PCM_CPU_KERNELS", None)
+        env.update(CC="/bin/false", CXX="/bin/false")
+    out = subprocess.run([sys.executable, "-c", PROBE.format(repo=REPO)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    missing, same, warned = out.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert missing == "True" and same == "True"
+    if case == "switched_off":
+        assert warned == "[]"
+    else:
+        assert "could not build the fast CPU softmax" in warned and "PCM_CPU_KERNELS=0" in warned
