@@ -26,11 +26,11 @@ factor that needs no gradient (so no reduction in backward changes) before the o
 elementwise products and sums, bit for bit. A factor that needs a gradient (the student's, through its LoRA)
 keeps the broadcast op, whose backward reduction stays Paddle's own.
 
-The same holds for the biases of frozen layers: ``F.linear`` and ``Conv2D`` add their bias with the broadcast
-kernel (``[2, 8, 256, 256] + [1, 8, 1, 1]``: 15.9 ms against 1.1 ms expanded first; ``[4, 410, 768] + [768]``: 2.2
-against 1.0 ms). :func:`linear` (which ``frozen_linear`` runs for ``nn.Linear``) and ``Conv2D.forward`` (replaced
-by :func:`install`) add a frozen bias expanded, on CPU: the same matmul or convolution and the same sums. A bias
-that trains (the discriminator heads') keeps the broadcast add.
+The same holds for the bias of a frozen linear layer: ``F.linear`` adds it with the broadcast kernel
+(``[4, 410, 768] + [768]``: 2.2 ms against 1.0 ms expanded first). :func:`linear` (which ``frozen_linear`` runs
+for ``nn.Linear``) adds a frozen bias expanded, on CPU: the same matmul and the same sums. A bias that trains keeps
+the broadcast add (none does in this trainer; there expanding would be slower in backward). ``Conv2D``'s bias:
+``paddle_compat``.
 """
 from __future__ import annotations
 
@@ -105,29 +105,12 @@ def add(a, b):
     return _plain(paddle.add, a, b)
 
 
-def _frozen_cpu_bias(bias, x) -> bool:
-    return ENABLED and bias is not None and bias.stop_gradient and x.place.is_cpu_place()
-
-
 def linear(x, weight, bias=None):
     """``F.linear(x, weight, bias)``; a frozen bias expanded before the add on CPU (the same matmul and sums)."""
-    if not _frozen_cpu_bias(bias, x):
+    if bias is None or not bias.stop_gradient or not x.place.is_cpu_place():
         return F.linear(x, weight, bias)
     out = paddle.matmul(x, weight)
     return out + bias.expand(out.shape)
-
-
-def conv2d_forward(self, x):
-    """``paddle.nn.Conv2D.forward``; a frozen bias expanded before the add on CPU (zero padding, NCHW)."""
-    if not _frozen_cpu_bias(self.bias, x) or self._padding_mode != "zeros" or self._data_format != "NCHW" or x.is_dist():
-        return _UPSTREAM_CONV2D_FORWARD(self, x)
-    out = F.conv._conv_nd(x, self.weight, None, self._stride, self._updated_padding, self._padding_algorithm,
-                          self._dilation, self._groups, self._data_format, self._channel_dim, self._op_type,
-                          self._use_cudnn)
-    return out + self.bias.reshape([1, -1, 1, 1]).expand(out.shape)
-
-
-_UPSTREAM_CONV2D_FORWARD = paddle.nn.Conv2D.forward
 
 
 def modulate(x, scale, shift):
@@ -191,14 +174,13 @@ def joint_transformer_block_forward(self, hidden_states, encoder_hidden_states, 
 
 FORWARDS = {AdaLayerNormZero: ada_layer_norm_zero_forward,
             AdaLayerNormContinuous: ada_layer_norm_continuous_forward,
-            JointTransformerBlock: joint_transformer_block_forward,
-            paddle.nn.Conv2D: conv2d_forward}
-_UPSTREAM_FORWARDS = {cls: cls.forward for cls in FORWARDS}  # Conv2D's: _UPSTREAM_CONV2D_FORWARD
+            JointTransformerBlock: joint_transformer_block_forward}
+_UPSTREAM_FORWARDS = {cls: cls.forward for cls in FORWARDS}
 
 
 def install() -> bool:
-    """Keep only the frozen factor of the SD3 blocks' AdaLN products, and add frozen ``Conv2D`` biases expanded on
-    CPU (idempotent). Returns whether this call changed anything."""
+    """Keep only the frozen factor of the SD3 blocks' AdaLN products (idempotent). Returns whether this call
+    changed anything."""
     global ENABLED
     changed = not ENABLED
     ENABLED = True
