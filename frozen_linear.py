@@ -55,7 +55,7 @@ class LoraDown(PyLayer):
 
     @staticmethod
     def forward(ctx, x, weight):
-        out = F.linear(x.cast(weight.dtype), weight)
+        out = F.linear(x.astype(weight.dtype), weight)
         ctx.compute_dtype = out.dtype  # the weight's, or autocast's low-precision dtype
         ctx.input_dtype, ctx.input_needs_grad = x.dtype, not x.stop_gradient
         ctx.save_for_backward(_in_dtype(x, out.dtype), weight)
@@ -67,11 +67,11 @@ class LoraDown(PyLayer):
         dtype = ctx.compute_dtype
         rows = x.reshape([-1, weight.shape[0]])
         grad_weight = paddle.matmul(rows, grad_output.reshape([-1, weight.shape[1]]), transpose_x=True)
-        grad_weight = grad_weight.cast(weight.dtype)
+        grad_weight = grad_weight.astype(weight.dtype)
         if not ctx.input_needs_grad:
             return None, grad_weight
-        grad_input = paddle.matmul(grad_output, weight.cast(dtype), transpose_y=True)
-        return grad_input.cast(weight.dtype).cast(ctx.input_dtype), grad_weight
+        grad_input = paddle.matmul(grad_output, weight.astype(dtype), transpose_y=True)
+        return grad_input.astype(weight.dtype).astype(ctx.input_dtype), grad_weight
 
 
 _last_copy = [lambda: None, lambda: None]  # weak references: the last input cast by _in_dtype, and its copy
@@ -95,9 +95,11 @@ SHARE_LORA_INPUT = True  # False: the LoRA branch as ppdiffusers.peft runs it (f
 def lora_down(lora_A, dropout, x):
     """``lora_A(dropout(x.cast(lora_A.weight.dtype)))``, through :class:`LoraDown` when the dropout is the
     identity (PEFT's ``lora_dropout=0``), ``lora_A`` has no bias and its weight trains."""
-    if (not SHARE_LORA_INPUT or not isinstance(dropout, paddle.nn.Identity) or lora_A.bias is not None
-            or lora_A.weight.stop_gradient or not paddle.is_grad_enabled()):
+    if not SHARE_LORA_INPUT:  # ppdiffusers.peft's own branch: Tensor.cast copies x even to its own dtype
         return lora_A(dropout(x.cast(lora_A.weight.dtype)))
+    if (not isinstance(dropout, paddle.nn.Identity) or lora_A.bias is not None or lora_A.weight.stop_gradient
+            or not paddle.is_grad_enabled()):
+        return lora_A(dropout(x.astype(lora_A.weight.dtype)))  # astype: no copy to the same dtype
     return LoraDown.apply(x, lora_A.weight)
 
 

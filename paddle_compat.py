@@ -323,7 +323,9 @@ def lora_linear_forward(self, x, *args, **kwargs):
             continue
         lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
         branch = lora_B(lora_down(lora_A, self.lora_dropout[adapter], x)) * self.scaling[adapter]
-        result = result + branch.cast(result_dtype)
+        # Tensor.cast copies even to the same dtype (as ppdiffusers.peft); with gradients that copy's node keeps
+        # upstream's order of summing the input's gradients (bit for bit); without, astype skips the copy
+        result = result + (branch.cast(result_dtype) if paddle.is_grad_enabled() else branch.astype(result_dtype))
     return result
 
 
