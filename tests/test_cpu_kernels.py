@@ -122,3 +122,18 @@ def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
         assert warned == "[]"
     else:
         assert "could not build the fast CPU softmax" in warned and "PCM_CPU_KERNELS=0" in warned
+
+
+def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
+    """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding and AdaLN-factor paths off
+    changes no bit of the VAE latents, the teacher's CFG output, the G step's loss and LoRA gradients; the compiled
+    softmax changes them only at fp32 roundoff."""
+    from benchmark_cpu_paths import main
+
+    results = main(["--teacher", tiny_sd3, "--resolution", "64", "--reps", "1"])["results"]
+    for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor"):
+        for workload, result in results[path].items():
+            assert result["equal"], (path, workload, result["max_difference"])
+    softmax = results["cpu_softmax"]
+    for workload in ("teacher_cfg", "g_step"):
+        assert not softmax[workload]["equal"] and 0 < softmax[workload]["max_difference"] < 1e-4, softmax[workload]
