@@ -1,10 +1,13 @@
-"""A compiled CPU softmax for attention, where Paddle's own CPU kernel is slow.
+"""Compiled CPU kernels where Paddle's own are slow: attention's softmax, GELU (tanh), LayerNorm without affine.
 
 Paddle's CPU ``softmax`` is single-threaded scalar code: on the attention scores of the small benchmark teacher
 (``[4, 8, 410, 410]`` fp32) it takes 19 ms where PyTorch's whole fused attention takes 10, and it is about a fifth
 of a training step on CPU (``scripts/benchmark.py``). ``cpu_kernels.cc`` has a softmax over the last axis, forward
 and backward, vectorised (16-float GCC vectors, a polynomial ``exp``) and split over Paddle's own OpenMP threads:
-5.7 ms forward there (2 threads), 15 ms forward and backward against Paddle's 30.
+5.7 ms forward there (2 threads), 15 ms forward and backward against Paddle's 30. The same holds for the SD3
+blocks' other two slow CPU ops: GELU with the tanh approximation (``[2, 410, 1024]`` forward and backward: Paddle
+10.0 ms, PyTorch 3.9) and the backward of their LayerNorms without weight and bias (``[2, 410, 256]``: Paddle 2.9
+ms forward and backward, PyTorch 0.6); :func:`gelu_tanh` and :func:`layer_norm` (used by ``paddle_compat``).
 
 :func:`softmax` uses it for CPU float32 tensors and falls back to ``F.softmax`` everywhere else. It is built once
 per source, CPU model and Paddle version with ``paddle.utils.cpp_extension`` (about 20 s, under a file lock so
@@ -12,8 +15,9 @@ that ranks and test workers wait for one build; cached in Paddle's extension fol
 ``~/.cache/paddle_extensions``). Where it cannot be built (no C++ compiler), one warning says so and Paddle's
 softmax is used. ``PCM_CPU_KERNELS=0`` uses Paddle's softmax always.
 
-Results are not Paddle's bit for bit: the largest difference to ``F.softmax`` is below 1e-6 relative (tested),
-and the kernel is deterministic (the same bits for any thread count; see ``cpu_kernels.cc``).
+Results are not Paddle's bit for bit (fp32 roundoff: the softmax is within 1e-6 relative of the exact one, GELU
+and LayerNorm within a few ulp of Paddle's; tested), and the kernels are deterministic (the same bits for any
+thread count; see ``cpu_kernels.cc``).
 """
 from __future__ import annotations
 
@@ -101,8 +105,31 @@ def threads() -> int:
         return len(os.sched_getaffinity(0))
 
 
+def _runs_here(x: paddle.Tensor) -> bool:
+    return x.dtype == paddle.float32 and x.place.is_cpu_place() and x.size > 0 and kernels() is not None
+
+
+def _contiguous(x: paddle.Tensor) -> paddle.Tensor:
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def softmax(x: paddle.Tensor) -> paddle.Tensor:
     """Softmax over the last axis: the compiled kernel for CPU float32 tensors, else ``F.softmax``."""
-    if x.dtype == paddle.float32 and x.place.is_cpu_place() and x.size > 0 and kernels() is not None:
-        return kernels().pcm_softmax(x if x.is_contiguous() else x.contiguous(), threads())
+    if _runs_here(x):
+        return kernels().pcm_softmax(_contiguous(x), threads())
     return F.softmax(x, axis=-1)
+
+
+def gelu_tanh(x: paddle.Tensor) -> paddle.Tensor:
+    """GELU with the tanh approximation: the compiled kernel for CPU float32 tensors, else ``F.gelu``."""
+    if _runs_here(x):
+        return kernels().pcm_gelu_tanh(_contiguous(x), threads())
+    return F.gelu(x, approximate=True)
+
+
+def layer_norm(x: paddle.Tensor, epsilon: float) -> paddle.Tensor:
+    """LayerNorm over the last axis without weight and bias: the compiled kernel for CPU float32 tensors, else
+    ``F.layer_norm``."""
+    if _runs_here(x):
+        return kernels().pcm_layer_norm(_contiguous(x), float(epsilon), threads())[0]
+    return F.layer_norm(x, x.shape[-1:], epsilon=epsilon)

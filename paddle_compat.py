@@ -44,7 +44,8 @@ measured in ENVIRONMENT.md and six more found while building the trainer:
 
 Before ``import paddle`` it also sets the CPU fast-path settings (MKL's AVX2 path on AMD CPUs, no strided-copy
 kernels on CPU-only builds; see "CPU fast path" below and the README), never overriding a user's value, and
-attention's softmax on CPU runs ``cpu_kernels``' compiled kernel.
+on CPU attention's softmax, SD3's affine-free LayerNorms and GELU (tanh) run ``cpu_kernels``' compiled kernels
+(shim 10).
 
 ``apply()`` is idempotent and each shim is a no-op where it is not needed.
 It also sets ``USE_PEFT_BACKEND=True`` (the seed snippet's setting) unless the
@@ -444,6 +445,37 @@ def _patch_conv2d_bias() -> bool:
     return True
 
 
+# --- 10. SD3's LayerNorms and GELU on CPU through cpu_kernels -----------------------------
+# Paddle's CPU LayerNorm backward and GELU (tanh) forward and backward are scalar single-threaded code (see
+# cpu_kernels.py); the SD3 and SD3.5 blocks' LayerNorms (no weight, no bias) and their feed-forward GELU run the
+# compiled kernels on CPU float32 tensors, Paddle's own ops everywhere else.
+def layer_norm_forward(self, input):
+    """``paddle.nn.LayerNorm.forward``; without weight and bias, over the last axis: ``cpu_kernels.layer_norm``."""
+    if self.weight is None and self.bias is None and len(self._normalized_shape) == 1:
+        return cpu_kernels.layer_norm(input, self._epsilon)
+    return _UPSTREAM_LAYER_NORM_FORWARD(self, input)
+
+
+_UPSTREAM_LAYER_NORM_FORWARD = paddle.nn.LayerNorm.forward
+
+
+def gelu_method(self, gate):
+    """ppdiffusers' ``GELU.gelu``; the tanh approximation through ``cpu_kernels.gelu_tanh``."""
+    if self.approximate == "tanh":
+        return cpu_kernels.gelu_tanh(gate)
+    return F.gelu(gate, approximate=self.approximate != "none")
+
+
+def _patch_cpu_kernel_layers() -> bool:
+    from ppdiffusers.models.activations import GELU
+
+    if paddle.nn.LayerNorm.forward is layer_norm_forward:
+        return False
+    paddle.nn.LayerNorm.forward = layer_norm_forward
+    GELU.gelu = gelu_method
+    return True
+
+
 def apply() -> dict:
     """Apply every shim (idempotent). Returns which ones changed something on this call."""
     import ppdiffusers  # noqa: F401  (defines its own attention first where it can)
@@ -458,6 +490,7 @@ def apply() -> dict:
         "sd35_transformers": _patch_sd35_selection(),
         "safe_weight_files": _patch_smart_load(),
         "cpu_conv2d_bias": _patch_conv2d_bias(),
+        "cpu_kernel_layers": _patch_cpu_kernel_layers(),
     }
     return changed
 

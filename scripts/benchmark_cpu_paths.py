@@ -6,7 +6,8 @@
 
 The fast paths (all on in every entry point; each is switched off alone, the others staying on):
 
-- ``cpu_softmax``: attention's softmax through ``cpu_kernels`` (compiled) instead of Paddle's ``F.softmax``;
+- ``cpu_kernels``: attention's softmax, the blocks' LayerNorms and GELU through ``cpu_kernels`` (compiled) instead of
+  Paddle's ops;
 - ``conv_bias_and_pad``: ``paddle_compat``'s ``Conv2D`` (bias added expanded) and ``Downsample2D`` (padding inside
   the convolution) instead of upstream's forwards;
 - ``linear_bias``: ``frozen_ops.linear`` (a frozen bias added expanded) instead of ``F.linear``;
@@ -57,7 +58,7 @@ def switched_off(path: str):
         saved.append((owner, name, getattr(owner, name)))
         setattr(owner, name, value)
 
-    if path == "cpu_softmax":
+    if path == "cpu_kernels":
         set_attr(cpu_kernels, "kernels", lambda: None)
     elif path == "conv_bias_and_pad":
         set_attr(paddle.nn.Conv2D, "forward", paddle_compat._UPSTREAM_CONV2D_FORWARD)
@@ -76,7 +77,7 @@ def switched_off(path: str):
             setattr(owner, name, value)
 
 
-PATHS = ["cpu_softmax", "conv_bias_and_pad", "linear_bias", "trainable_factor"]
+PATHS = ["cpu_kernels", "conv_bias_and_pad", "linear_bias", "trainable_factor"]
 
 
 def load_transformer(path):

@@ -1,4 +1,5 @@
-"""cpu_kernels: the compiled CPU softmax against Paddle's own, its gradient, determinism, and its fallbacks."""
+"""cpu_kernels: the compiled CPU softmax, GELU and LayerNorm against exact values and Paddle's own, their gradients,
+determinism, where they are used, and the fallbacks."""
 import os
 import subprocess
 import sys
@@ -71,6 +72,62 @@ def test_softmax_gradient_matches_paddles(kernels):
     assert np.abs(grads[1]).max() > 0.1
 
 
+def _gelu_tanh_exact(x: np.ndarray) -> np.ndarray:
+    x = x.astype("float64")
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("n", [1, 17, 1024])
+def test_gelu_tanh_matches_the_formula_and_paddles_gradient(kernels, n):
+    """Within 2e-6 absolute (values up to 30) of the float64 formula, the same bits for any thread count, overflow-
+    free at the ends; the gradient within 2e-5 of Paddle's ``F.gelu(approximate=True)``'s."""
+    rng = np.random.default_rng(n)
+    values = np.concatenate([rng.standard_normal(300 * n) * 4, [-100.0, -30.0, 0.0, 30.0, 100.0]]).astype("float32")
+    x = paddle.to_tensor(values)
+    results = [kernels.pcm_gelu_tanh(x, threads).numpy() for threads in (1, 2, 3)]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+    assert np.all(np.isfinite(results[0]))
+    np.testing.assert_allclose(results[0], _gelu_tanh_exact(values), rtol=2e-6, atol=2e-6)
+    x.stop_gradient = False
+    grad_out = paddle.to_tensor(rng.standard_normal(values.shape).astype("float32"))
+    (fast,) = paddle.grad([cpu_kernels.gelu_tanh(x)], [x], [grad_out])
+    (plain,) = paddle.grad([F.gelu(x, approximate=True)], [x], [grad_out])
+    np.testing.assert_allclose(fast.numpy(), plain.numpy(), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("n", [7, 16, 256])
+def test_layer_norm_matches_paddles_forward_and_gradient(kernels, n):
+    """SD3's LayerNorm (no weight or bias): output and input gradient within a few ulp of Paddle's, the same bits
+    for any thread count."""
+    rng = np.random.default_rng(n)
+    x = paddle.to_tensor((rng.standard_normal((2, 61, n)) * 3 + 1).astype("float32"))
+    results = [kernels.pcm_layer_norm(x, 1e-6, threads)[0].numpy() for threads in (1, 2, 3)]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+    np.testing.assert_allclose(results[0], F.layer_norm(x, [n], epsilon=1e-6).numpy(), rtol=1e-5, atol=2e-6)
+    x.stop_gradient = False
+    grad_out = paddle.to_tensor(rng.standard_normal(x.shape).astype("float32"))
+    (fast,) = paddle.grad([cpu_kernels.layer_norm(x, 1e-6)], [x], [grad_out])
+    (plain,) = paddle.grad([F.layer_norm(x, [n], epsilon=1e-6)], [x], [grad_out])
+    np.testing.assert_allclose(fast.numpy(), plain.numpy(), rtol=1e-5, atol=2e-6)
+    assert np.abs(fast.numpy()).max() > 0.1
+
+
+def test_sd3_layers_use_the_kernels_on_cpu(kernels):
+    """paddle_compat routes nn.LayerNorm without weight and bias, and ppdiffusers' GELU(tanh), through the kernels;
+    LayerNorms with an affine part and exact GELU stay Paddle's."""
+    from ppdiffusers.models.activations import GELU
+
+    x = paddle.to_tensor(np.random.default_rng(5).standard_normal((2, 9, 32)).astype("float32"))
+    bare, affine = paddle.nn.LayerNorm(32, epsilon=1e-6, weight_attr=False, bias_attr=False), paddle.nn.LayerNorm(32)
+    np.testing.assert_array_equal(bare(x).numpy(), kernels.pcm_layer_norm(x, 1e-6, cpu_kernels.threads())[0].numpy())
+    np.testing.assert_array_equal(affine(x).numpy(), F.layer_norm(x, [32], affine.weight, affine.bias).numpy())
+    tanh, exact = GELU(32, 32, approximate="tanh"), GELU(32, 32)
+    np.testing.assert_array_equal(tanh.gelu(x).numpy(), kernels.pcm_gelu_tanh(x, cpu_kernels.threads()).numpy())
+    np.testing.assert_array_equal(exact.gelu(x).numpy(), F.gelu(x).numpy())
+
+
 def test_softmax_uses_the_kernel_only_for_cpu_float32(kernels):
     x64 = paddle.to_tensor(np.random.default_rng(2).standard_normal((5, 9)))
     np.testing.assert_array_equal(cpu_kernels.softmax(x64).numpy(), F.softmax(x64, axis=-1).numpy())
@@ -127,13 +184,13 @@ def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
 def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
     """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding and AdaLN-factor paths off
     changes no bit of the VAE latents, the teacher's CFG output, the G step's loss and LoRA gradients; the compiled
-    softmax changes them only at fp32 roundoff."""
+    kernels change them only at fp32 roundoff."""
     from benchmark_cpu_paths import main
 
     results = main(["--teacher", tiny_sd3, "--resolution", "64", "--reps", "1"])["results"]
     for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor"):
         for workload, result in results[path].items():
             assert result["equal"], (path, workload, result["max_difference"])
-    softmax = results["cpu_softmax"]
+    compiled = results["cpu_kernels"]
     for workload in ("teacher_cfg", "g_step"):
-        assert not softmax[workload]["equal"] and 0 < softmax[workload]["max_difference"] < 1e-4, softmax[workload]
+        assert not compiled[workload]["equal"] and 0 < compiled[workload]["max_difference"] < 1e-4, compiled[workload]
