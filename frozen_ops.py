@@ -131,11 +131,13 @@ def multiply(a, b):
     """``a * b``; through :class:`FrozenFactorMultiply` when enabled, grad is on, exactly one input needs a
     gradient and the frozen one broadcasts against it (the other's shape is the product's); through
     :class:`FactorMultiply` when both need one and one broadcasts along one axis (on CPU)."""
-    if ENABLED and paddle.is_grad_enabled() and _trainable_factor(b, a):
+    if not ENABLED or not paddle.is_grad_enabled():
+        return _plain(paddle.multiply, a, b)
+    if _trainable_factor(b, a):
         return FactorMultiply.apply(a, b, False)
-    if ENABLED and paddle.is_grad_enabled() and _trainable_factor(a, b):
+    if _trainable_factor(a, b):
         return FactorMultiply.apply(b, a, True)
-    if not ENABLED or not paddle.is_grad_enabled() or a.stop_gradient == b.stop_gradient:
+    if a.stop_gradient == b.stop_gradient:
         return _plain(paddle.multiply, a, b)
     if b.stop_gradient and _broadcasts_to(b, a.shape):
         return FrozenFactorMultiply.apply(a, b, False)

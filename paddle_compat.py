@@ -402,15 +402,20 @@ def _patch_smart_load() -> bool:
 # [4, 256, 16, 16]: 6.4 against 0.9 ms forward and backward). The same sums, so the same outputs and input
 # gradients; the gradient of a bias that trains (the discriminator heads') is then expand's sum over the batch and
 # grid instead of add's: the same terms in another order (differences at fp32 roundoff).
+def _conv_with_expanded_bias(conv, x, padding):
+    """``conv``'s convolution of ``x`` (NCHW) with ``padding`` (Paddle's explicit form), its bias (if any) added
+    expanded to the output's shape."""
+    out = F.conv._conv_nd(x, conv.weight, None, conv._stride, padding, conv._padding_algorithm, conv._dilation,
+                          conv._groups, conv._data_format, conv._channel_dim, conv._op_type, conv._use_cudnn)
+    return out if conv.bias is None else out + conv.bias.reshape([1, -1, 1, 1]).expand(out.shape)
+
+
 def conv2d_forward(self, x):
     """``paddle.nn.Conv2D.forward``, with the bias expanded before the add on CPU (zero padding, NCHW)."""
     if (self.bias is None or not x.place.is_cpu_place() or self._padding_mode != "zeros"
             or self._data_format != "NCHW" or x.is_dist()):
         return _UPSTREAM_CONV2D_FORWARD(self, x)
-    out = F.conv._conv_nd(x, self.weight, None, self._stride, self._updated_padding, self._padding_algorithm,
-                          self._dilation, self._groups, self._data_format, self._channel_dim, self._op_type,
-                          self._use_cudnn)
-    return out + self.bias.reshape([1, -1, 1, 1]).expand(out.shape)
+    return _conv_with_expanded_bias(self, x, self._updated_padding)
 
 
 _UPSTREAM_CONV2D_FORWARD = paddle.nn.Conv2D.forward
@@ -428,9 +433,7 @@ def downsample2d_forward(self, hidden_states, scale: float = 1.0):
         return _UPSTREAM_DOWNSAMPLE2D_FORWARD(self, hidden_states, scale)
     if hidden_states.shape[1] != self.channels:
         raise ValueError(f"Downsample2D: {hidden_states.shape[1]} input channels, expected {self.channels}")
-    out = F.conv2d(hidden_states, conv.weight, None, stride=conv._stride, padding=[0, 1, 0, 1],
-                   dilation=conv._dilation, groups=conv._groups)
-    return out if conv.bias is None else out + conv.bias.reshape([1, -1, 1, 1]).expand(out.shape)
+    return _conv_with_expanded_bias(conv, hidden_states, [0, 1, 0, 1])  # (top, bottom, left, right)
 
 
 def _patch_conv2d_bias() -> bool:
