@@ -1,7 +1,8 @@
-// Softmax over the last axis of a CPU float32 tensor, forward and backward: the kernels cpu_kernels.py compiles
-// (with paddle.utils.cpp_extension) for attention on CPU, where Paddle's own softmax is single-threaded scalar code.
+// CPU float32 kernels that cpu_kernels.py compiles (with paddle.utils.cpp_extension) where Paddle's own CPU kernels
+// are single-threaded scalar code: softmax over the last axis (attention), GELU with the tanh approximation, and
+// LayerNorm over the last axis without weight and bias; each forward and backward.
 //
-// Each row is independent. Rows are split into `threads` contiguous ranges, one per std::thread. Within a row the
+// Rows (elements, for GELU) are split into `threads` contiguous ranges on Paddle's OpenMP threads. Within a row the
 // sums run in 16 fixed lanes (element i adds into lane i % 16), combined in a fixed order, and every operation is a
 // single IEEE operation (built with -ffp-contract=off), so the result depends only on the row's values: not on the
 // thread count, the tensor's address or the instruction set. exp is the Cephes single-precision polynomial

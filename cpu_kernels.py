@@ -9,11 +9,11 @@ blocks' other two slow CPU ops: GELU with the tanh approximation (``[2, 410, 102
 10.0 ms, PyTorch 3.9) and the backward of their LayerNorms without weight and bias (``[2, 410, 256]``: Paddle 2.9
 ms forward and backward, PyTorch 0.6); :func:`gelu_tanh` and :func:`layer_norm` (used by ``paddle_compat``).
 
-:func:`softmax` uses it for CPU float32 tensors and falls back to ``F.softmax`` everywhere else. It is built once
-per source, CPU model and Paddle version with ``paddle.utils.cpp_extension`` (about 20 s, under a file lock so
-that ranks and test workers wait for one build; cached in Paddle's extension folder, ``PADDLE_EXTENSION_DIR`` or
-``~/.cache/paddle_extensions``). Where it cannot be built (no C++ compiler), one warning says so and Paddle's
-softmax is used. ``PCM_CPU_KERNELS=0`` uses Paddle's softmax always.
+Each function uses its kernel for CPU float32 tensors and falls back to Paddle's op everywhere else. The kernels
+are built once per source, CPU model and Paddle version with ``paddle.utils.cpp_extension`` (about 20 s, under a
+file lock so that ranks and test workers wait for one build; cached in Paddle's extension folder,
+``PADDLE_EXTENSION_DIR`` or ``~/.cache/paddle_extensions``). Where they cannot be built (no C++ compiler), one
+warning says so and Paddle's ops are used. ``PCM_CPU_KERNELS=0`` uses Paddle's ops always.
 
 Results are not Paddle's bit for bit (fp32 roundoff: the softmax is within 1e-6 relative of the exact one, GELU
 and LayerNorm within a few ulp of Paddle's; tested), and the kernels are deterministic (the same bits for any
@@ -38,13 +38,16 @@ CXX_FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
 IOMP = os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so")
 
 
+SWITCH = "PCM_CPU_KERNELS"  # "0": Paddle's own kernels
+_LOADED: dict = {}  # "module": the built extension, or None where it cannot be built or is switched off
+
+
 def _openmp_flags() -> tuple:
+    """Compiler and linker flags for Paddle's OpenMP runtime (none where the Paddle build does not ship it)."""
     if not os.path.exists(IOMP):
         return [], []
     libs = os.path.dirname(IOMP)
     return ["-fopenmp"], [f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"]
-SWITCH = "PCM_CPU_KERNELS"  # "0": Paddle's own kernels
-_LOADED: dict = {}  # "module": the built extension, or None where it cannot be built or is switched off
 
 
 def _cpu_model() -> str:
@@ -59,7 +62,9 @@ def build_name() -> str:
     """The extension's name: a hash of the source, the flags, the CPU (``-march=native``) and Paddle's version."""
     digest = hashlib.sha256()
     flags = [*CXX_FLAGS, *(flag for group in _openmp_flags() for flag in group)]
-    for part in (open(SOURCE, "rb").read(), " ".join(flags).encode(), _cpu_model().encode(), paddle.__version__.encode()):
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    for part in (source, " ".join(flags).encode(), _cpu_model().encode(), paddle.__version__.encode()):
         digest.update(part + b"\0")
     return "pcm_cpu_kernels_" + digest.hexdigest()[:16]
 
@@ -73,7 +78,7 @@ def _build():
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.exists(os.path.join(root, name, name + ".so")):  # built before: load it without a setup run
             return extension_utils._import_module_from_library(name, os.path.join(root, name))
-        print(f"cpu_kernels: building the CPU softmax kernel once (about 20 s) in {root}", flush=True)
+        print(f"cpu_kernels: building the CPU kernels once (about 20 s) in {root}", flush=True)
         with contextlib.redirect_stdout(io.StringIO()):
             openmp_cflags, openmp_ldflags = _openmp_flags()
             return load(name=name, sources=[SOURCE], extra_cxx_cflags=CXX_FLAGS + openmp_cflags,
@@ -89,10 +94,10 @@ def kernels():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     module = _build()
-            except Exception as error:  # no compiler, no headers, a failed build: Paddle's softmax still works
+            except Exception as error:  # no compiler, no headers, a failed build: Paddle's own ops still work
                 first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                warnings.warn(f"cpu_kernels: could not build the fast CPU softmax ({first_line[:200]}); using "
-                              f"Paddle's softmax (slower on CPU). Set {SWITCH}=0 to skip the attempt.")
+                warnings.warn(f"cpu_kernels: could not build the fast CPU kernels ({first_line[:200]}); using "
+                              f"Paddle's own ops (slower on CPU). Set {SWITCH}=0 to skip the attempt.")
         _LOADED["module"] = module
     return _LOADED["module"]
 

@@ -119,7 +119,7 @@ import paddle.nn.functional as F  # noqa: E402
 
 CPU_SETTINGS.update(set_cpu_flags(paddle))
 
-import cpu_kernels  # noqa: E402  (the compiled CPU softmax of math_attention)
+import cpu_kernels  # noqa: E402  (compiled CPU softmax, GELU and LayerNorm: math_attention, shim 10)
 
 # --- 1. ParameterDict mapping methods ---------------------------------------------------
 def _patch_parameter_dict() -> bool:

@@ -45,6 +45,7 @@ import frozen_linear  # noqa: E402
 import frozen_ops  # noqa: E402
 import pcm_lora  # noqa: E402
 from discriminator import Discriminator  # noqa: E402
+from sd35_transformer import load_transformer  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -80,10 +81,9 @@ def switched_off(path: str):
 PATHS = ["cpu_kernels", "conv_bias_and_pad", "linear_bias", "trainable_factor"]
 
 
-def load_transformer(path):
-    from ppdiffusers import SD3Transformer2DModel
-
-    transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
+def frozen_transformer(path):
+    """The SD3 or SD3.5 transformer at ``path`` as the trainer prepares a teacher: every parameter frozen, eval."""
+    transformer = load_transformer(path)
     for param in transformer.parameters():
         param.stop_gradient = True
     transformer.eval()
@@ -96,7 +96,7 @@ def workloads(teacher_dir: str, resolution: int) -> dict:
 
     vae = AutoencoderKL.from_pretrained(teacher_dir, subfolder="vae")
     vae.eval()
-    teacher, student = load_transformer(teacher_dir), load_transformer(teacher_dir)
+    teacher, student = frozen_transformer(teacher_dir), frozen_transformer(teacher_dir)
     pcm_lora.add_pcm_lora(student, rank=4)
     paddle.seed(0)
     for name, param in student.named_parameters():
