@@ -1,13 +1,15 @@
 // CPU float32 kernels that cpu_kernels.py compiles (with paddle.utils.cpp_extension) where Paddle's own CPU kernels
-// are single-threaded scalar code: softmax over the last axis (attention), GELU with the tanh approximation, and
-// LayerNorm over the last axis without weight and bias; each forward and backward.
+// are slow: attention without its N x N matrices in memory (with MKL's sgemm), softmax over the last axis, GELU with
+// the tanh approximation and LayerNorm over the last axis without weight and bias, each forward and backward; and a
+// frozen linear layer's bias added in place.
 //
 // Rows (elements, for GELU) are split into `threads` contiguous ranges on Paddle's OpenMP threads. Within a row the
 // sums run in 16 fixed lanes (element i adds into lane i % 16), combined in a fixed order, and every operation is a
 // single IEEE operation (built with -ffp-contract=off), so the result depends only on the row's values: not on the
 // thread count, the tensor's address or the instruction set. exp is the Cephes single-precision polynomial
-// (relative error < 4e-7), on 16-float GCC vectors.
+// (relative error < 4e-7), on 16-float GCC vectors. Attention: see its section.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -78,7 +80,8 @@ inline void store_tail(float* p, vfloat v, int64_t count) {
   std::memcpy(p, buffer, count * sizeof(float));
 }
 
-void softmax_rows(const float* x, float* y, int64_t begin, int64_t end, int64_t n) {
+// Softmax of rows [begin, end) of an n-column matrix (y may be x). With `lse`, also each row's log-sum-exp.
+void softmax_rows(const float* x, float* y, int64_t begin, int64_t end, int64_t n, float* lse = nullptr) {
   const int64_t full = n / kLanes * kLanes, tail = n - full;
   const vfloat valid_tail = lane_index() < splat(static_cast<float>(tail)) ? splat(1.0f) : splat(0.0f);
   for (int64_t row = begin; row < end; ++row) {
@@ -104,9 +107,11 @@ void softmax_rows(const float* x, float* y, int64_t begin, int64_t end, int64_t 
       e_tail = exp_poly(load_tail(xr + full, tail) - vm) * valid_tail;
       lanes += e_tail;
     }
-    const vfloat inv = splat(1.0f / sum_lanes(lanes));
+    const float sum = sum_lanes(lanes);
+    const vfloat inv = splat(1.0f / sum);
     for (int64_t i = 0; i < full; i += kLanes) store(yr + i, load(yr + i) * inv);
     if (tail) store_tail(yr + full, e_tail * inv, tail);
+    if (lse) lse[row] = m + std::log(sum);
   }
 }
 
@@ -227,6 +232,98 @@ void parallel_rows(int64_t rows, int64_t n, int64_t threads, const std::function
   for (int64_t t = 0; t < threads; ++t) fn(std::min(rows, t * chunk), std::min(rows, (t + 1) * chunk));
 }
 
+#ifdef PCM_WITH_MKL
+// Attention without the N x N matrices in memory (as PyTorch's CPU flash attention): queries in blocks of kQueryBlock
+// rows, their scores, probabilities and gradients in a per-thread buffer (kQueryBlock x N: in cache), the products
+// through MKL's single-threaded sgemm (Paddle's MKL) on strided views of the [batch, tokens, heads, head_dim]
+// tensors, so no transposes either. Forward keeps the log-sum-exp of each row; backward recomputes the
+// probabilities from it (flash attention's backward). One task per (batch, head[, query block]) on one thread, with
+// MKL on that thread alone, so the result does not depend on the thread count.
+}  // namespace
+extern "C" {
+void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc);
+int MKL_Set_Num_Threads_Local(int threads);  // the C interface (mkl_set_num_threads_local is Fortran's)
+}
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+constexpr int64_t kQueryBlock = 64;
+
+// Runs fn(task, scratch) for task in [0, tasks) on up to `threads` OpenMP threads, each with its own buffer of
+// `scratch_floats` floats and MKL single-threaded on it.
+void parallel_tasks(int64_t tasks, int64_t threads, int64_t scratch_floats,
+                    const std::function<void(int64_t, float*)>& fn) {
+  threads = std::max<int64_t>(1, std::min(threads, tasks));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scratch(scratch_floats);
+    const int previous = MKL_Set_Num_Threads_Local(1);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) fn(task, scratch.data());
+    MKL_Set_Num_Threads_Local(previous);
+  }
+}
+
+struct AttentionShape {
+  int64_t batch, queries, keys, heads, dim;
+  int64_t ld() const { return heads * dim; }  // row stride of one head's [tokens, dim] view
+};
+
+// One query block of one head: out rows = softmax(scale * q k^T) v, lse rows = their log-sum-exp.
+void attention_block(const AttentionShape& s, const float* q, const float* k, const float* v, float* out, float* lse,
+                     float scale, int64_t b, int64_t h, int64_t i0, float* scores) {
+  const int64_t m = std::min(kQueryBlock, s.queries - i0), ld = s.ld();
+  const int64_t q_offset = ((b * s.queries + i0) * s.heads + h) * s.dim, kv_offset = (b * s.keys * s.heads + h) * s.dim;
+  cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, s.keys, s.dim, scale, q + q_offset, ld, k + kv_offset, ld, 0.0f, scores,
+              s.keys);
+  softmax_rows(scores, scores, 0, m, s.keys, lse + (b * s.heads + h) * s.queries + i0);
+  cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.dim, s.keys, 1.0f, scores, s.keys, v + kv_offset, ld, 0.0f,
+              out + q_offset, ld);
+}
+
+// Gradients of one head, its query blocks in order (dk and dv accumulate over them).
+void attention_grad_head(const AttentionShape& s, const float* q, const float* k, const float* v, const float* out,
+                         const float* lse, const float* dout, float* dq, float* dk, float* dv, float scale, int64_t b,
+                         int64_t h, float* probs) {
+  const int64_t ld = s.ld(), n = s.keys, full = n / kLanes * kLanes, tail = n - full;
+  const int64_t kv_offset = (b * s.keys * s.heads + h) * s.dim;
+  float* dprobs = probs + kQueryBlock * n;
+  for (int64_t i0 = 0; i0 < s.queries; i0 += kQueryBlock) {
+    const int64_t m = std::min(kQueryBlock, s.queries - i0);
+    const int64_t q_offset = ((b * s.queries + i0) * s.heads + h) * s.dim;
+    const float* row_lse = lse + (b * s.heads + h) * s.queries + i0;
+    const float beta = i0 == 0 ? 0.0f : 1.0f;
+    cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, n, s.dim, scale, q + q_offset, ld, k + kv_offset, ld, 0.0f, probs, n);
+    for (int64_t r = 0; r < m; ++r) {  // p = exp(scale q k^T - lse)
+      float* pr = probs + r * n;
+      const vfloat l = splat(row_lse[r]);
+      for (int64_t i = 0; i < full; i += kLanes) store(pr + i, exp_poly(load(pr + i) - l));
+      if (tail) store_tail(pr + full, exp_poly(load_tail(pr + full, tail) - l), tail);
+    }
+    cblas_sgemm(kRowMajor, kTrans, kNoTrans, n, s.dim, m, 1.0f, probs, n, dout + q_offset, ld, beta, dv + kv_offset,
+                ld);  // dv += p^T dout
+    cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, n, s.dim, 1.0f, dout + q_offset, ld, v + kv_offset, ld, 0.0f, dprobs,
+                n);  // dp = dout v^T
+    for (int64_t r = 0; r < m; ++r) {  // ds = p * (dp - rowsum(dout * out))
+      const float* dor = dout + q_offset + r * ld;
+      const float* outr = out + q_offset + r * ld;
+      float dot = 0.0f;
+      for (int64_t d = 0; d < s.dim; ++d) dot += dor[d] * outr[d];
+      const vfloat vdot = splat(dot);
+      float* pr = probs + r * n;
+      float* dpr = dprobs + r * n;
+      for (int64_t i = 0; i < full; i += kLanes) store(dpr + i, load(pr + i) * (load(dpr + i) - vdot));
+      if (tail) store_tail(dpr + full, load_tail(pr + full, tail) * (load_tail(dpr + full, tail) - vdot), tail);
+    }
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.dim, n, scale, dprobs, n, k + kv_offset, ld, 0.0f, dq + q_offset,
+                ld);  // dq = scale ds k
+    cblas_sgemm(kRowMajor, kTrans, kNoTrans, n, s.dim, m, scale, dprobs, n, q + q_offset, ld, beta, dk + kv_offset,
+                ld);  // dk += scale ds^T q
+  }
+}
+#endif  // PCM_WITH_MKL
+
 void check(const paddle::Tensor& t, const char* name) {
   PD_CHECK(t.is_cpu(), "cpu_kernels: ", name, " must be a CPU tensor");
   PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, "cpu_kernels: ", name, " must be float32");
@@ -342,3 +439,82 @@ PD_BUILD_GRAD_OP(pcm_layer_norm)
     .Outputs({paddle::Grad("X")})
     .Attrs({"epsilon: float", "threads: int64_t"})
     .SetKernelFn(PD_KERNEL(LayerNormBackward));
+
+// x[row, :] += bias, in place (the frozen bias of a linear layer: the same sums as Paddle's add, without the
+// broadcast kernel or a new tensor).
+void AddBiasInplace(paddle::Tensor& x, const paddle::Tensor& bias, int64_t threads) {
+  check(x, "X");
+  check(bias, "Bias");
+  const int64_t n = bias.numel();
+  PD_CHECK(x.shape().back() == n, "cpu_kernels: the bias does not match the last axis");
+  float* xp = x.data<float>();
+  const float* bp = bias.data<float>();
+  parallel_rows(x.numel() / n, n, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      elementwise(xp + row * n, bp, xp + row * n, 0, n, [](vfloat a, vfloat b) { return a + b; });
+    }
+  });
+}
+
+PD_BUILD_OP(pcm_add_bias_)
+    .Inputs({"X", "Bias"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int64_t"})
+    .SetInplaceMap({{"X", "Out"}})
+    .SetKernelFn(PD_KERNEL(AddBiasInplace));
+
+#ifdef PCM_WITH_MKL
+AttentionShape attention_shape(const paddle::Tensor& q, const paddle::Tensor& k, const paddle::Tensor& v) {
+  check(q, "Q");
+  check(k, "K");
+  check(v, "V");
+  PD_CHECK(q.shape().size() == 4 && k.shape() == v.shape() && k.shape().size() == 4,
+           "cpu_kernels: attention takes [batch, tokens, heads, head_dim] tensors, K and V of one shape");
+  PD_CHECK(q.shape()[0] == k.shape()[0] && q.shape()[2] == k.shape()[2] && q.shape()[3] == k.shape()[3],
+           "cpu_kernels: Q and K differ in batch, heads or head_dim");
+  return {q.shape()[0], q.shape()[1], k.shape()[1], q.shape()[2], q.shape()[3]};
+}
+
+std::vector<paddle::Tensor> AttentionForward(const paddle::Tensor& q, const paddle::Tensor& k, const paddle::Tensor& v,
+                                             float scale, int64_t threads) {
+  const AttentionShape s = attention_shape(q, k, v);
+  auto out = paddle::empty_like(q);
+  auto lse = paddle::empty({s.batch, s.heads, s.queries}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *qp = q.data<float>(), *kp = k.data<float>(), *vp = v.data<float>();
+  float *op = out.data<float>(), *lp = lse.data<float>();
+  const int64_t blocks = (s.queries + kQueryBlock - 1) / kQueryBlock;
+  parallel_tasks(s.batch * s.heads * blocks, threads, kQueryBlock * s.keys, [&](int64_t task, float* scores) {
+    const int64_t head = task / blocks;
+    attention_block(s, qp, kp, vp, op, lp, scale, head / s.heads, head % s.heads, task % blocks * kQueryBlock, scores);
+  });
+  return {out, lse};
+}
+
+std::vector<paddle::Tensor> AttentionBackward(const paddle::Tensor& q, const paddle::Tensor& k,
+                                              const paddle::Tensor& v, const paddle::Tensor& out,
+                                              const paddle::Tensor& lse, const paddle::Tensor& grad_out, float scale,
+                                              int64_t threads) {
+  const AttentionShape s = attention_shape(q, k, v);
+  check(grad_out, "Out@GRAD");
+  auto dq = paddle::empty_like(q), dk = paddle::empty_like(k), dv = paddle::empty_like(v);
+  const float *qp = q.data<float>(), *kp = k.data<float>(), *vp = v.data<float>(), *op = out.data<float>();
+  const float *lp = lse.data<float>(), *gp = grad_out.data<float>();
+  float *dqp = dq.data<float>(), *dkp = dk.data<float>(), *dvp = dv.data<float>();
+  parallel_tasks(s.batch * s.heads, threads, 2 * kQueryBlock * s.keys, [&](int64_t head, float* buffers) {
+    attention_grad_head(s, qp, kp, vp, op, lp, gp, dqp, dkp, dvp, scale, head / s.heads, head % s.heads, buffers);
+  });
+  return {dq, dk, dv};
+}
+
+PD_BUILD_OP(pcm_attention)
+    .Inputs({"Q", "K", "V"})
+    .Outputs({"Out", "Lse"})
+    .Attrs({"scale: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(AttentionForward));
+
+PD_BUILD_GRAD_OP(pcm_attention)
+    .Inputs({"Q", "K", "V", "Out", "Lse", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("Q"), paddle::Grad("K"), paddle::Grad("V")})
+    .Attrs({"scale: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(AttentionBackward));
+#endif  // PCM_WITH_MKL

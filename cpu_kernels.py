@@ -1,13 +1,24 @@
-"""Compiled CPU kernels where Paddle's own are slow: attention's softmax, GELU (tanh), LayerNorm without affine.
+"""Compiled CPU kernels where Paddle's own are slow: attention, softmax, GELU (tanh), LayerNorm without affine, and
+a frozen linear layer's bias.
 
-Paddle's CPU ``softmax`` is single-threaded scalar code: on the attention scores of the small benchmark teacher
-(``[4, 8, 410, 410]`` fp32) it takes 19 ms where PyTorch's whole fused attention takes 10, and it is about a fifth
-of a training step on CPU (``scripts/benchmark.py``). ``cpu_kernels.cc`` has a softmax over the last axis, forward
-and backward, vectorised (16-float GCC vectors, a polynomial ``exp``) and split over Paddle's own OpenMP threads:
-5.7 ms forward there (2 threads), 15 ms forward and backward against Paddle's 30. The same holds for the SD3
-blocks' other two slow CPU ops: GELU with the tanh approximation (``[2, 410, 1024]`` forward and backward: Paddle
-10.0 ms, PyTorch 3.9) and the backward of their LayerNorms without weight and bias (``[2, 410, 256]``: Paddle 2.9
-ms forward and backward, PyTorch 0.6); :func:`gelu_tanh` and :func:`layer_norm` (used by ``paddle_compat``).
+- :func:`attention` (``paddle_compat``'s ``scaled_dot_product_attention_`` on CPU): Paddle has no fused attention on
+  CPU, so attention was two batched matmuls around a softmax, with the ``[batch, heads, N, N]`` scores and
+  probabilities written to memory and kept for backward. ``cpu_kernels.cc`` computes it as PyTorch's CPU flash
+  attention does: per head, blocks of 64 queries, their scores and probabilities in a per-thread buffer that stays
+  in cache, the products through Paddle's MKL ``sgemm`` on strided views of the ``[batch, tokens, heads, dim]``
+  inputs (no transposes); backward recomputes the probabilities from each row's log-sum-exp. On the small benchmark
+  teacher (``[4, 410, 8, 32]``, 2 threads) one attention takes 3.9 ms against 13 (softmax 6.1, the two matmuls 7)
+  and PyTorch's 4.3, and its teacher forward 189 -> 112 ms (PyTorch: 96). It keeps q, k, v, the output and the
+  log-sum-exp for backward instead of the probabilities. Built where Paddle ships MKL (x86).
+- :func:`softmax` (``math_attention``, where the fused attention does not run): Paddle's CPU ``softmax`` is
+  single-threaded scalar code (``[4, 8, 410, 410]``: 19 ms); vectorised (16-float GCC vectors, a polynomial
+  ``exp``) and split over Paddle's own OpenMP threads: 5.7 ms forward (2 threads), 15 ms forward and backward
+  against Paddle's 30.
+- :func:`gelu_tanh` and :func:`layer_norm` (``paddle_compat``'s shim 10): GELU with the tanh approximation
+  (``[2, 410, 1024]`` forward and backward: Paddle 10.0 ms, PyTorch 3.9) and the backward of the SD3 blocks'
+  LayerNorms without weight and bias (``[2, 410, 256]``: Paddle 2.9 ms forward and backward, PyTorch 0.6).
+- :func:`add_bias` (``frozen_ops.linear``): a frozen bias added into the matmul's product in place, the same sums
+  without Paddle's broadcast kernel or another tensor.
 
 Each function uses its kernel for CPU float32 tensors and falls back to Paddle's op everywhere else. The kernels
 are built once per source, CPU model and Paddle version with ``paddle.utils.cpp_extension`` (about 20 s, under a
@@ -16,7 +27,8 @@ file lock so that ranks and test workers wait for one build; cached in Paddle's 
 warning says so and Paddle's ops are used. ``PCM_CPU_KERNELS=0`` uses Paddle's ops always.
 
 Results are not Paddle's bit for bit (fp32 roundoff: the softmax is within 1e-6 relative of the exact one, GELU
-and LayerNorm within a few ulp of Paddle's; tested), and the kernels are deterministic (the same bits for any
+and LayerNorm within a few ulp of Paddle's, attention and its gradients within fp32 roundoff of float64; tested;
+the bias is Paddle's sum exactly), and the kernels are deterministic (the same bits for any
 thread count; see ``cpu_kernels.cc``).
 """
 from __future__ import annotations
@@ -36,6 +48,8 @@ CXX_FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
 # Paddle's OpenMP runtime (MKL's): the kernels' threads are then the ones a matmul just used. Without it (a Paddle
 # build that does not ship it) the kernels run on the calling thread.
 IOMP = os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so")
+# Paddle's MKL (x86 builds): attention's products go through its sgemm. Without it there is no fused attention.
+MKL = os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so")
 
 
 SWITCH = "PCM_CPU_KERNELS"  # "0": Paddle's own kernels
@@ -43,11 +57,15 @@ _LOADED: dict = {}  # "module": the built extension, or None where it cannot be 
 
 
 def _openmp_flags() -> tuple:
-    """Compiler and linker flags for Paddle's OpenMP runtime (none where the Paddle build does not ship it)."""
+    """Compiler and linker flags for Paddle's OpenMP runtime and MKL (none where the Paddle build does not ship
+    them)."""
     if not os.path.exists(IOMP):
         return [], []
     libs = os.path.dirname(IOMP)
-    return ["-fopenmp"], [f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"]
+    cflags, ldflags = ["-fopenmp"], [f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"]
+    if os.path.exists(MKL):
+        cflags, ldflags = cflags + ["-DPCM_WITH_MKL"], ldflags + ["-lmklml_intel"]
+    return cflags, ldflags
 
 
 def _cpu_model() -> str:
@@ -111,7 +129,7 @@ def threads() -> int:
 
 
 def _runs_here(x: paddle.Tensor) -> bool:
-    return x.dtype == paddle.float32 and x.place.is_cpu_place() and x.size > 0 and kernels() is not None
+    return x.dtype == paddle.float32 and x.place.is_cpu_place() and 0 not in x.shape and kernels() is not None
 
 
 def _contiguous(x: paddle.Tensor) -> paddle.Tensor:
@@ -123,6 +141,34 @@ def softmax(x: paddle.Tensor) -> paddle.Tensor:
     if _runs_here(x):
         return kernels().pcm_softmax(_contiguous(x), threads())
     return F.softmax(x, axis=-1)
+
+
+def has_fused_attention() -> bool:
+    """Whether the kernels are built with the fused attention (they are where Paddle ships MKL: x86)."""
+    return kernels() is not None and hasattr(kernels(), "pcm_attention")
+
+
+def fused_attention_runs(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor) -> bool:
+    """Whether :func:`attention` takes these ``[batch, tokens, heads, head_dim]`` tensors (CPU float32)."""
+    return (all(t.dtype == paddle.float32 and t.place.is_cpu_place() and len(t.shape) == 4 and 0 not in t.shape
+                for t in (query, key, value))
+            and has_fused_attention())
+
+
+def attention(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor, scale: float) -> paddle.Tensor:
+    """``softmax(scale * q k^T) v`` per head on ``[batch, tokens, heads, head_dim]`` tensors, without the
+    ``tokens x tokens`` matrices in memory (the compiled kernel; see :func:`fused_attention_runs`)."""
+    q, k, v = (_contiguous(t) for t in (query, key, value))
+    return kernels().pcm_attention(q, k, v, float(scale), threads())[0]
+
+
+def add_bias(out: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
+    """``out + bias`` over the last axis, for an ``out`` that no graph records (a no-grad matmul's result): added in
+    place by the compiled kernel for CPU float32 tensors, else with ``bias`` expanded first (Paddle's broadcast add
+    is slow on CPU). The same sums either way; use the returned tensor."""
+    if _runs_here(out) and bias.dtype == paddle.float32 and out.is_contiguous():
+        return kernels().pcm_add_bias_(out, _contiguous(bias), threads())
+    return out + bias.expand(out.shape)
 
 
 def gelu_tanh(x: paddle.Tensor) -> paddle.Tensor:

@@ -31,7 +31,9 @@ and backward at ``[2, 256, 256]``.
 
 The same holds for the bias of a frozen linear layer: ``F.linear`` adds it with the broadcast kernel
 (``[4, 410, 768] + [768]``: 2.2 ms against 1.0 ms expanded first). :func:`linear` (which ``frozen_linear`` runs
-for ``nn.Linear``) adds a frozen bias expanded, on CPU: the same matmul and the same sums. A bias that trains keeps
+for ``nn.Linear``) adds a frozen bias on CPU into the product in place where no graph records the product
+(``cpu_kernels.add_bias``: no-grad passes, ``FrozenWeightLinear``'s forward), else expanded: the same matmul and
+the same sums. A bias that trains keeps
 the broadcast add (none does in this trainer; there expanding would be slower in backward). ``Conv2D``'s bias:
 ``paddle_compat``.
 """
@@ -40,6 +42,7 @@ from __future__ import annotations
 import os
 
 import paddle_compat  # noqa: F401  (before ppdiffusers)
+import cpu_kernels
 import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
@@ -152,10 +155,12 @@ def add(a, b):
 
 
 def linear(x, weight, bias=None):
-    """``F.linear(x, weight, bias)``; a frozen bias expanded before the add on CPU (the same matmul and sums)."""
+    """``F.linear(x, weight, bias)``; on CPU a frozen bias added in place or expanded (the same matmul and sums)."""
     if bias is None or not bias.stop_gradient or not x.place.is_cpu_place():
         return F.linear(x, weight, bias)
     out = paddle.matmul(x, weight)
+    if out.stop_gradient:  # no graph holds the product: the bias goes in place
+        return cpu_kernels.add_bias(out, bias)
     return out + bias.expand(out.shape)
 
 

@@ -185,14 +185,17 @@ def scaled_dot_product_attention_(
 ):
     """Stand-in for ppdiffusers' ``F.scaled_dot_product_attention_`` (``[batch, seq, heads, dim]``).
 
-    Uses Paddle's fused attention where it runs (GPU, fp16/bf16, default scale, no mask),
-    else :func:`math_attention`.
+    Uses Paddle's fused attention where it runs (GPU, fp16/bf16, default scale, no mask), ``cpu_kernels``' fused
+    attention for CPU float32 without mask, causality or dropout, else :func:`math_attention`.
     """
     default_scale = scale is None or abs(scale - 1.0 / math.sqrt(query.shape[-1])) < 1e-12
     if attention_op != "math" and attn_mask is None and default_scale and _native_sdpa_works(query):
         return F.scaled_dot_product_attention(
             query, key, value, dropout_p=dropout_p if training else 0.0, is_causal=is_causal, training=training
         )
+    plain = attn_mask is None and not is_causal and (dropout_p == 0.0 or not training)
+    if attention_op != "math" and plain and cpu_kernels.fused_attention_runs(query, key, value):
+        return cpu_kernels.attention(query, key, value, 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale)
     return math_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, training)
 
 

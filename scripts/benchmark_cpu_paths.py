@@ -6,11 +6,14 @@
 
 The fast paths (all on in every entry point; each is switched off alone, the others staying on):
 
-- ``cpu_kernels``: attention's softmax, the blocks' LayerNorms and GELU through ``cpu_kernels`` (compiled) instead of
-  Paddle's ops;
+- ``cpu_kernels``: every compiled kernel (``cpu_kernels``: attention, softmax, the blocks' LayerNorms and GELU, the
+  frozen linear layers' in-place bias) instead of Paddle's ops;
+- ``fused_attention``: ``cpu_kernels``' fused attention alone instead of ``paddle_compat.math_attention`` (two
+  matmuls around the compiled softmax);
 - ``conv_bias_and_pad``: ``paddle_compat``'s ``Conv2D`` (bias added expanded) and ``Downsample2D`` (padding inside
   the convolution) instead of upstream's forwards;
-- ``linear_bias``: ``frozen_ops.linear`` (a frozen bias added expanded) instead of ``F.linear``;
+- ``linear_bias``: ``frozen_ops.linear`` (a frozen bias added in place, or expanded where a graph records the
+  product) instead of ``F.linear``;
 - ``trainable_factor``: the student's AdaLN products on the expanded factor (``frozen_ops.FactorMultiply``)
   instead of Paddle's broadcast multiply and add.
 
@@ -61,6 +64,8 @@ def switched_off(path: str):
 
     if path == "cpu_kernels":
         set_attr(cpu_kernels, "kernels", lambda: None)
+    elif path == "fused_attention":
+        set_attr(cpu_kernels, "has_fused_attention", lambda: False)
     elif path == "conv_bias_and_pad":
         set_attr(paddle.nn.Conv2D, "forward", paddle_compat._UPSTREAM_CONV2D_FORWARD)
         set_attr(Downsample2D, "forward", paddle_compat._UPSTREAM_DOWNSAMPLE2D_FORWARD)
@@ -78,7 +83,7 @@ def switched_off(path: str):
             setattr(owner, name, value)
 
 
-PATHS = ["cpu_kernels", "conv_bias_and_pad", "linear_bias", "trainable_factor"]
+PATHS = ["cpu_kernels", "fused_attention", "conv_bias_and_pad", "linear_bias", "trainable_factor"]
 
 
 def frozen_transformer(path):

@@ -240,6 +240,14 @@ def verify_counts_lazily() -> dict:
             "vae": (count(vae), vae_parameter_count(SD3_VAE))}
 
 
+def cpu_attention_kind() -> str:
+    """The tracer's attention for this process on CPU: ``cpu_kernels``' fused attention where it is built, else
+    ``paddle_compat``'s plain one."""
+    import cpu_kernels
+
+    return "cpu" if cpu_kernels.has_fused_attention() else "math"
+
+
 def measure_g_step_on_cpu(teacher_dir: str, resolution: int, batch: int, rank: int, frozen_linear: bool,
                           head_recompute: bool = True, share_lora_input: bool = True,
                           frozen_factor_multiply: bool = True) -> dict:
@@ -315,7 +323,8 @@ def measure_g_step_on_cpu(teacher_dir: str, resolution: int, batch: int, rank: i
     traced = {}
     for role, name in (("student", "student forward"), ("backbone", "discriminator g_loss"),
                        ("backbone", "discriminator d_loss")):
-        tr = Trace("paddle", amp=False, attention="math", frozen_linear=frozen_linear, head_recompute=head_recompute,
+        tr = Trace("paddle", amp=False, attention=cpu_attention_kind(), frozen_linear=frozen_linear,
+                   head_recompute=head_recompute,
                    share_lora_input=share_lora_input, frozen_factor=frozen_factor_multiply)
         d_loss = name.endswith("d_loss")
         out = trace_transformer(tr, config, batch=2 * batch if d_loss else batch, resolution=resolution, role=role,
@@ -346,7 +355,9 @@ class Trace:
     when another input of the op needs a gradient). ``amp``: autocast to the low-precision dtype
     (matmul/conv/attention to 'lp', layer/group norm and softmax to f32, other ops promote to f32 if any
     input is f32 - the O1 rules of both frameworks). ``attention``: ``"auto"`` (GPU: flash for
-    low-precision queries, memory-efficient otherwise) or ``"math"`` (plain softmax attention).
+    low-precision queries, memory-efficient otherwise), ``"math"`` (plain softmax attention) or ``"cpu"``
+    (Paddle on CPU with ``cpu_kernels``: its attention keeps q, k, v, the output and the log-sum-exp, in fp32,
+    and slicing the output copies, as ``paddle_compat`` turns Paddle's stride kernels off on CPU).
     ``dropout_train``: Paddle modules in train mode run Dropout(p=0) and keep a uint8 mask."""
 
     def __init__(self, engine: str, amp: bool, lp_bytes: int = 2, attention: str = "auto", dropout_train=False,
@@ -380,6 +391,10 @@ class Trace:
     @staticmethod
     def view(t, n=None):
         return Tensor(t.n if n is None else int(n), t.dt, t.grad, t.sid)
+
+    def part(self, t, n):
+        """``n`` elements sliced from ``t``: a view, a copy on CPU (attention ``"cpu"``)."""
+        return self.new(n, t.dt, t.grad) if self.attention_kind == "cpu" else Trace.view(t, n)
 
     def keep(self, *tensors):
         for t in tensors:
@@ -493,7 +508,9 @@ class Trace:
         """Returns the attention output (same element count as q)."""
         if self.attention_kind == "math":
             return self._math_attention(q, k, v, batch, heads, tokens)
-        if self.engine == "torch":
+        if self.attention_kind == "cpu":
+            pass  # cpu_kernels.attention (CPU float32): no casts
+        elif self.engine == "torch":
             q, k, v = self._white(q, k, v)  # SDPA is on autocast's low-precision list; fp32: mem-efficient
         elif self.amp and q.dt == "lp":
             q, k, v = self._white(q, k, v)  # flash_attn is on Paddle's AMP white list
@@ -578,8 +595,8 @@ def trace_block(tr, h, ctx, temb, *, width, heads, batch, n_img, n_txt, last, we
     q, k, v = tr.concat(q, cq), tr.concat(k, ck), tr.concat(v, cv)
     out = tr.attention(q, k, v, batch, heads, n_img + n_txt)
     out = tr.cast(out, q.dt)                                            # .astype(query.dtype)
-    attn = tr.dropout(linear(Trace.view(out, batch * n_img * d), d, d))  # to_out.0, to_out.1
-    cattn = None if last else linear(Trace.view(out, batch * n_txt * d), d, d)  # to_add_out
+    attn = tr.dropout(linear(tr.part(out, batch * n_img * d), d, d))  # to_out.0, to_out.1
+    cattn = None if last else linear(tr.part(out, batch * n_txt * d), d, d)  # to_add_out
 
     h = tr.add(h, tr.factor_mul(chunk, attn))
     if dual:  # attn2 over the image tokens on LayerNorm(block input) * (1 + scale2) + shift2

@@ -1,5 +1,5 @@
-"""cpu_kernels: the compiled CPU softmax, GELU and LayerNorm against exact values and Paddle's own, their gradients,
-determinism, where they are used, and the fallbacks."""
+"""cpu_kernels: the compiled CPU attention, softmax, GELU, LayerNorm and bias against exact values and Paddle's own,
+their gradients, determinism, where they are used, and the fallbacks."""
 import os
 import subprocess
 import sys
@@ -148,6 +148,79 @@ def test_attention_with_the_kernel_matches_paddles_softmax(kernels, monkeypatch)
     assert not np.array_equal(fast, plain)  # the kernel did run: its exp rounds differently
 
 
+def _attention_exact(q, k, v, scale, grad_out):
+    """Attention and its gradients in float64 numpy (``[batch, tokens, heads, dim]``)."""
+    q, k, v, g = (t.astype("float64").transpose(0, 2, 1, 3) for t in (q, k, v, grad_out))
+    p = _exact(scale * q @ k.transpose(0, 1, 3, 2))
+    out = p @ v
+    dp = g @ v.transpose(0, 1, 3, 2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    grads = (scale * ds @ k, scale * ds.transpose(0, 1, 3, 2) @ q, p.transpose(0, 1, 3, 2) @ g)
+    return [t.transpose(0, 2, 1, 3) for t in (out, *grads)]
+
+
+# query blocks of 64 rows: fewer, exactly one, one more; keys of other lengths; head widths of SD3 and odd ones
+ATTENTION_SHAPES = [(2, 218, 218, 4, 8), (1, 64, 64, 2, 32), (3, 65, 7, 3, 24), (1, 1, 130, 1, 64), (2, 410, 410, 8, 32)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_fused_attention_matches_the_exact_one_and_does_not_depend_on_threads(kernels, shape):
+    """Output and the three gradients against float64, within fp32 roundoff; the same bits for 1, 2 or 3 threads;
+    the backward needs no ``tokens x tokens`` tensor from the forward (it recomputes the probabilities)."""
+    if not cpu_kernels.has_fused_attention():
+        pytest.skip("Paddle ships no MKL here: no fused attention (paddle_compat.math_attention runs)")
+    batch, queries, keys, heads, dim = shape
+    rng = np.random.default_rng(queries)
+    arrays = [rng.standard_normal((batch, n, heads, dim)).astype("float32") * 2 for n in (queries, keys, keys)]
+    grad_out = rng.standard_normal((batch, queries, heads, dim)).astype("float32")
+    scale = dim ** -0.5
+    results = []
+    for threads in (1, 2, 3):
+        q, k, v = (paddle.to_tensor(a, stop_gradient=False) for a in arrays)
+        out, _ = kernels.pcm_attention(q, k, v, scale, threads)
+        grads = paddle.grad(out, [q, k, v], paddle.to_tensor(grad_out))
+        results.append([t.numpy() for t in (out, *grads)])
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            np.testing.assert_array_equal(a, b)
+    for fast, exact in zip(results[0], _attention_exact(*arrays, scale, grad_out)):
+        np.testing.assert_allclose(fast, exact, rtol=1e-4, atol=2e-5 * np.abs(exact).max())
+
+
+def test_sd3_attention_uses_the_fused_kernel_only_where_it_applies(kernels):
+    """paddle_compat's scaled_dot_product_attention_ runs the fused kernel for CPU float32 without mask, causality
+    or dropout (SD3's joint attention), and math_attention otherwise."""
+    if not cpu_kernels.has_fused_attention():
+        pytest.skip("Paddle ships no MKL here: no fused attention")
+    rng = np.random.default_rng(6)
+    q, k, v = (paddle.to_tensor(rng.standard_normal((2, 80, 2, 24)).astype("float32")) for _ in range(3))
+    sdpa = paddle_compat.scaled_dot_product_attention_
+    fused = kernels.pcm_attention(q, k, v, 24 ** -0.5, cpu_kernels.threads())[0].numpy()
+    np.testing.assert_array_equal(sdpa(q, k, v).numpy(), fused)
+    plain = paddle_compat.math_attention(q, k, v).numpy()
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(fused, plain)  # so the comparisons below tell the two apart
+    np.testing.assert_array_equal(sdpa(q, k, v, is_causal=True).numpy(),
+                                  paddle_compat.math_attention(q, k, v, is_causal=True).numpy())
+    np.testing.assert_array_equal(sdpa(q, k, v, attention_op="math").numpy(), plain)
+    q64, k64, v64 = (t.astype("float64") for t in (q, k, v))
+    np.testing.assert_array_equal(sdpa(q64, k64, v64).numpy(), paddle_compat.math_attention(q64, k64, v64).numpy())
+
+
+def test_add_bias_adds_in_place_with_paddles_sums(kernels):
+    """cpu_kernels.add_bias: the bits of Paddle's broadcast add, written into the product itself (row lengths around
+    the vector width)."""
+    rng = np.random.default_rng(8)
+    for n in (1, 15, 16, 17, 256):
+        x, bias = rng.standard_normal((3, 5, n)).astype("float32"), rng.standard_normal(n).astype("float32")
+        out = paddle.to_tensor(x)
+        result = cpu_kernels.add_bias(out, paddle.to_tensor(bias))
+        np.testing.assert_array_equal(result.numpy(), (paddle.to_tensor(x) + paddle.to_tensor(bias)).numpy())
+        np.testing.assert_array_equal(out.numpy(), result.numpy())  # in place
+    x64 = paddle.to_tensor(rng.standard_normal((4, 3)))
+    np.testing.assert_array_equal(cpu_kernels.add_bias(x64, paddle.ones([3], "float64")).numpy(), x64.numpy() + 1)
+
+
 PROBE = textwrap.dedent("""
     import sys, warnings
     sys.path.insert(0, {repo!r})
@@ -191,6 +264,7 @@ def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
     for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor"):
         for workload, result in results[path].items():
             assert result["equal"], (path, workload, result["max_difference"])
-    compiled = results["cpu_kernels"]
-    for workload in ("teacher_cfg", "g_step"):
-        assert not compiled[workload]["equal"] and 0 < compiled[workload]["max_difference"] < 1e-4, compiled[workload]
+    for path in ("cpu_kernels", "fused_attention"):
+        for workload in ("teacher_cfg", "g_step"):
+            compiled = results[path][workload]
+            assert not compiled["equal"] and 0 < compiled["max_difference"] < 1e-4, (path, workload, compiled)

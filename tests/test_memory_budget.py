@@ -78,7 +78,7 @@ def test_lora_count_equals_what_add_pcm_lora_creates(tiny_sd3, rank):
 
 
 def test_tracer_reproduces_what_paddle_keeps_for_backward(tiny_sd3, monkeypatch):
-    """fp32 on CPU (plain attention): bytes kept by the student forward (LoRA, with and without
+    """fp32 on CPU (cpu_kernels' fused attention, or the plain one where it is not built): bytes kept by the student forward (LoRA, with and without
     gradient checkpointing), the discriminator's g_loss and d_loss, as Paddle's host allocator counts them
     (with frozen_linear and frozen_ops installed, as the trainer runs)."""
     from paddle.base import core
@@ -112,7 +112,8 @@ def test_tracer_reproduces_what_paddle_keeps_for_backward(tiny_sd3, monkeypatch)
     kwargs = dict(timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled)
 
     def traced(role, batch_, **kw):
-        tr = mb.Trace("paddle", amp=False, attention="math", dropout_train=kw.pop("dropout_train", False))
+        tr = mb.Trace("paddle", amp=False, attention=mb.cpu_attention_kind(),
+                      dropout_train=kw.pop("dropout_train", False))
         out = mb.trace_transformer(tr, config, batch=batch_, resolution=resolution, role=role, input_dt="f32",
                                    embeds_dt="f32", weight_dt="f32", **kw)
         return tr, out
