@@ -19,6 +19,7 @@ import paddle.nn.functional as F
 
 from paddle.autograd import PyLayer
 
+import cpu_kernels
 from paddle_compat import run_joint_blocks
 from pcm_lora import FrozenBaseView
 
@@ -55,7 +56,7 @@ class RecomputedHead(PyLayer):
     def forward(ctx, head, grid_height, grid_width, tokens, *params):
         ctx.head, ctx.grid = head, (grid_height, grid_width)
         ctx.save_for_backward(tokens)
-        with paddle.no_grad():
+        with paddle.no_grad(), cpu_kernels.forward_only_kernels_off():  # the ops backward's recomputation runs
             return head(tokens, grid_height, grid_width)
 
     @staticmethod

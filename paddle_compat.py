@@ -41,10 +41,12 @@ measured in ENVIRONMENT.md and six more found while building the trainer:
 9. On CPU, ``paddle.nn.Conv2D`` adds its bias with Paddle's slow broadcast kernel; it now adds it expanded to
    the output's shape (the same sums; a trained bias's gradient sums the same terms in another order), and the
    VAE's ``Downsample2D`` pads inside its convolution instead of with Paddle's slow pad kernel (the same bits).
+   Without gradients, convolutions of up to 128 input channels x 3 x 3 run ``cpu_kernels``' direct kernel.
 
 Before ``import paddle`` it also sets the CPU fast-path settings (MKL's AVX2 path on AMD CPUs, no strided-copy
 kernels on CPU-only builds; see "CPU fast path" below and the README), never overriding a user's value, and
-on CPU attention's softmax, SD3's affine-free LayerNorms and GELU (tanh) run ``cpu_kernels``' compiled kernels
+on CPU attention (SD3's and, through ppdiffusers' plain ``AttnProcessor``, the VAE's: shim 11), SD3's affine-free
+LayerNorms and GELU (tanh), and in no-grad passes GroupNorm and SiLU, run ``cpu_kernels``' compiled kernels
 (shim 10).
 
 ``apply()`` is idempotent and each shim is a no-op where it is not needed.
@@ -249,6 +251,14 @@ def _patch_sd3_lora_rank() -> bool:
 
 
 # --- 4. SD3 blocks under gradient checkpointing ----------------------------------------
+def _with_differentiable_ops(run):
+    def run_block(*args):
+        with cpu_kernels.forward_only_kernels_off():
+            return run(*args)
+
+    return run_block
+
+
 def run_joint_blocks(transformer, hidden_states, encoder_hidden_states, temb, features=None, wrap=None):
     """Run the SD3 transformer blocks, recomputing activations in backward when the model is
     training with gradient checkpointing. Appends each block's image-token output to
@@ -260,9 +270,10 @@ def run_joint_blocks(transformer, hidden_states, encoder_hidden_states, temb, fe
     checkpointing = transformer.training and getattr(transformer, "gradient_checkpointing", False)
     for block in transformer.transformer_blocks:
         run = wrap(block) if wrap is not None else block
-        if checkpointing:
+        if checkpointing:  # the no-grad forward runs the ops that backward's recomputation runs
             kwargs = {} if recompute_use_reentrant() else {"use_reentrant": False}
-            encoder_hidden_states, hidden_states = recompute(run, hidden_states, encoder_hidden_states, temb, **kwargs)
+            encoder_hidden_states, hidden_states = recompute(
+                _with_differentiable_ops(run), hidden_states, encoder_hidden_states, temb, **kwargs)
         else:
             encoder_hidden_states, hidden_states = run(hidden_states, encoder_hidden_states, temb)
         if features is not None:
@@ -407,10 +418,26 @@ def _patch_smart_load() -> bool:
 # grid instead of add's: the same terms in another order (differences at fp32 roundoff).
 def _conv_with_expanded_bias(conv, x, padding):
     """``conv``'s convolution of ``x`` (NCHW) with ``padding`` (Paddle's explicit form), its bias (if any) added
-    expanded to the output's shape."""
+    expanded to the output's shape; without gradients, where ``cpu_kernels``' direct convolution takes it, that
+    kernel (the bias added in it)."""
+    pads = _explicit_pads(padding)
+    if (pads is not None and conv._padding_algorithm == "EXPLICIT" and conv._groups == 1
+            and list(conv._dilation) == [1, 1] and cpu_kernels.conv2d_runs(x, conv.weight, conv.bias)):
+        return cpu_kernels.conv2d(x, conv.weight, conv.bias, conv._stride, pads)
     out = F.conv._conv_nd(x, conv.weight, None, conv._stride, padding, conv._padding_algorithm, conv._dilation,
                           conv._groups, conv._data_format, conv._channel_dim, conv._op_type, conv._use_cudnn)
     return out if conv.bias is None else out + conv.bias.reshape([1, -1, 1, 1]).expand(out.shape)
+
+
+def _explicit_pads(padding):
+    """Paddle's explicit 2-D padding (``[h, w]`` or ``[top, bottom, left, right]``) as ``(top, bottom, left,
+    right)``; ``None`` for any other form."""
+    padding = list(padding) if isinstance(padding, (list, tuple)) else None
+    if padding is None or not all(isinstance(p, int) for p in padding):
+        return None
+    if len(padding) == 2:
+        return padding[0], padding[0], padding[1], padding[1]
+    return tuple(padding) if len(padding) == 4 else None
 
 
 def conv2d_forward(self, x):
@@ -451,10 +478,11 @@ def _patch_conv2d_bias() -> bool:
     return True
 
 
-# --- 10. SD3's LayerNorms and GELU on CPU through cpu_kernels -----------------------------
+# --- 10. SD3's LayerNorms and GELU, the VAE's GroupNorms and SiLUs on CPU through cpu_kernels ---------------
 # Paddle's CPU LayerNorm backward and GELU (tanh) forward and backward are scalar single-threaded code (see
 # cpu_kernels.py); the SD3 and SD3.5 blocks' LayerNorms (no weight, no bias) and their feed-forward GELU run the
-# compiled kernels on CPU float32 tensors, Paddle's own ops everywhere else.
+# compiled kernels on CPU float32 tensors, Paddle's own ops everywhere else. GroupNorm and SiLU (single-threaded
+# too: half of a VAE encode after the convolutions) run forward-only kernels where no gradient flows.
 def layer_norm_forward(self, input):
     """``paddle.nn.LayerNorm.forward``; without weight and bias, over the last axis: ``cpu_kernels.layer_norm``."""
     if self.weight is None and self.bias is None and len(self._normalized_shape) == 1:
@@ -472,13 +500,54 @@ def gelu_method(self, gate):
     return F.gelu(gate, approximate=self.approximate != "none")
 
 
+def group_norm_forward(self, input):
+    """``paddle.nn.GroupNorm.forward``; channels first: ``cpu_kernels.group_norm`` (its kernel without gradients)."""
+    if self._data_format in ("NC", "NCL", "NCHW", "NCDHW"):
+        return cpu_kernels.group_norm(input, self._num_groups, self._epsilon, self.weight, self.bias)
+    return _UPSTREAM_GROUP_NORM_FORWARD(self, input)
+
+
+def silu_forward(self, x):
+    """``paddle.nn.Silu.forward`` through ``cpu_kernels.silu`` (its kernel without gradients)."""
+    return cpu_kernels.silu(x)
+
+
+_UPSTREAM_GROUP_NORM_FORWARD = paddle.nn.GroupNorm.forward
+
+
 def _patch_cpu_kernel_layers() -> bool:
     from ppdiffusers.models.activations import GELU
 
     if paddle.nn.LayerNorm.forward is layer_norm_forward:
         return False
     paddle.nn.LayerNorm.forward = layer_norm_forward
+    paddle.nn.GroupNorm.forward = group_norm_forward
+    paddle.nn.Silu.forward = silu_forward
     GELU.gelu = gelu_method
+    return True
+
+
+# --- 11. ppdiffusers' plain attention processor through the fused CPU attention --------------------------
+# Where Paddle's memory-efficient attention is missing (CPU), ppdiffusers builds its ``Attention`` layers (the VAE's
+# mid-block) with ``AttnProcessor``: two matmuls around Paddle's single-threaded softmax, plus same-dtype casts that
+# copy the N x N scores. Its ``AttnProcessor2_5`` computes the same attention through ``F.scaled_dot_product_attention_``
+# (here: cpu_kernels' fused attention on CPU float32). VAE encode of the small benchmark teacher, 256 px: see README.
+def attn_processor_call(self, attn, hidden_states, *args, **kwargs):
+    """``AttnProcessor.__call__``; on CPU float32 where the fused attention is built, ``AttnProcessor2_5``'s."""
+    if (hidden_states.dtype == paddle.float32 and hidden_states.place.is_cpu_place()
+            and cpu_kernels.has_fused_attention()):
+        return _SDPA_PROCESSOR(attn, hidden_states, *args, **kwargs)
+    return _UPSTREAM_ATTN_PROCESSOR_CALL(self, attn, hidden_states, *args, **kwargs)
+
+
+def _patch_attn_processor() -> bool:
+    from ppdiffusers.models.attention_processor import AttnProcessor, AttnProcessor2_5
+
+    global _SDPA_PROCESSOR, _UPSTREAM_ATTN_PROCESSOR_CALL
+    if AttnProcessor.__call__ is attn_processor_call:
+        return False
+    _SDPA_PROCESSOR, _UPSTREAM_ATTN_PROCESSOR_CALL = AttnProcessor2_5(), AttnProcessor.__call__
+    AttnProcessor.__call__ = attn_processor_call
     return True
 
 
@@ -497,6 +566,7 @@ def apply() -> dict:
         "safe_weight_files": _patch_smart_load(),
         "cpu_conv2d_bias": _patch_conv2d_bias(),
         "cpu_kernel_layers": _patch_cpu_kernel_layers(),
+        "cpu_attention_processor": _patch_attn_processor(),
     }
     return changed
 

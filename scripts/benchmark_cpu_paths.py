@@ -7,9 +7,12 @@
 The fast paths (all on in every entry point; each is switched off alone, the others staying on):
 
 - ``cpu_kernels``: every compiled kernel (``cpu_kernels``: attention, softmax, the blocks' LayerNorms and GELU, the
-  frozen linear layers' in-place bias) instead of Paddle's ops;
-- ``fused_attention``: ``cpu_kernels``' fused attention alone instead of ``paddle_compat.math_attention`` (two
-  matmuls around the compiled softmax);
+  frozen linear layers' in-place bias, the VAE's convolutions, GroupNorms and SiLUs) instead of Paddle's ops;
+- ``fused_attention``: ``cpu_kernels``' fused attention alone (the transformer's and, through ``paddle_compat``'s
+  shim 11, the VAE's) instead of ``paddle_compat.math_attention`` (two matmuls around the compiled softmax) and
+  ppdiffusers' ``AttnProcessor``;
+- ``direct_conv``: ``cpu_kernels``' direct convolution alone (no-grad, at most 128 input channels x 3 x 3) instead
+  of Paddle's;
 - ``conv_bias_and_pad``: ``paddle_compat``'s ``Conv2D`` (bias added expanded) and ``Downsample2D`` (padding inside
   the convolution) instead of upstream's forwards;
 - ``linear_bias``: ``frozen_ops.linear`` (a frozen bias added in place, or expanded where a graph records the
@@ -66,6 +69,8 @@ def switched_off(path: str):
         set_attr(cpu_kernels, "kernels", lambda: None)
     elif path == "fused_attention":
         set_attr(cpu_kernels, "has_fused_attention", lambda: False)
+    elif path == "direct_conv":
+        set_attr(cpu_kernels, "conv2d_runs", lambda x, weight, bias: False)
     elif path == "conv_bias_and_pad":
         set_attr(paddle.nn.Conv2D, "forward", paddle_compat._UPSTREAM_CONV2D_FORWARD)
         set_attr(Downsample2D, "forward", paddle_compat._UPSTREAM_DOWNSAMPLE2D_FORWARD)
@@ -83,7 +88,7 @@ def switched_off(path: str):
             setattr(owner, name, value)
 
 
-PATHS = ["cpu_kernels", "fused_attention", "conv_bias_and_pad", "linear_bias", "trainable_factor"]
+PATHS = ["cpu_kernels", "fused_attention", "direct_conv", "conv_bias_and_pad", "linear_bias", "trainable_factor"]
 
 
 def frozen_transformer(path):

@@ -221,6 +221,78 @@ def test_add_bias_adds_in_place_with_paddles_sums(kernels):
     np.testing.assert_array_equal(cpu_kernels.add_bias(x64, paddle.ones([3], "float64")).numpy(), x64.numpy() + 1)
 
 
+# (batch, in, out, size, kernel, stride, (top, bottom, left, right)): the VAE's 3x3 convolutions, its downsampling
+# (stride 2, padding (0, 1, 0, 1)), conv_in (3 channels), 1x1, odd sizes and channel counts around the 8-channel blocks
+CONVOLUTIONS = [(2, 8, 8, 64, 3, 1, (1, 1, 1, 1)), (2, 8, 8, 64, 3, 2, (0, 1, 0, 1)), (1, 3, 8, 40, 3, 1, (1, 1, 1, 1)),
+                (2, 8, 32, 16, 3, 1, (1, 1, 1, 1)), (1, 5, 11, 17, 3, 2, (1, 1, 1, 1)), (2, 8, 8, 33, 1, 1, (0, 0, 0, 0)),
+                (3, 4, 20, 9, 5, 3, (2, 1, 0, 3)), (1, 128, 9, 6, 3, 1, (1, 1, 1, 1))]
+
+
+@pytest.mark.parametrize("case", CONVOLUTIONS)
+def test_conv2d_matches_paddles_and_does_not_depend_on_threads(kernels, case):
+    """The direct convolution against Paddle's (same bits here: both sum (channel, ky, kx) in order with fused
+    multiply-adds; at most fp32 roundoff in general), with and without bias, for 1, 2 or 3 threads."""
+    batch, cin, cout, size, k, stride, pads = case
+    rng = np.random.default_rng(cin * size)
+    x = paddle.to_tensor(rng.standard_normal((batch, cin, size, size)).astype("float32"))
+    w = paddle.to_tensor(rng.standard_normal((cout, cin, k, k)).astype("float32"))
+    b = paddle.to_tensor(rng.standard_normal(cout).astype("float32"))
+    padding = [[0, 0], [0, 0], list(pads[:2]), list(pads[2:])]
+    for bias in (b, None):
+        expected = F.conv2d(x, w, bias, stride=stride, padding=padding).numpy()
+        results = [kernels.pcm_conv2d(x, w, bias, stride, stride, *pads, threads).numpy() for threads in (1, 2, 3)]
+        for other in results[1:]:
+            np.testing.assert_array_equal(other, results[0])
+        np.testing.assert_allclose(results[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_vae_layers_use_the_kernels_without_gradients(kernels):
+    """Conv2D (up to 128 input channels x 3 x 3), GroupNorm and SiLU run the kernels in no-grad passes on CPU
+    float32, and Paddle's ops when a gradient flows (the discriminator heads train their convolutions) or inside
+    forward_only_kernels_off (a no-grad forward that backward recomputes)."""
+    rng = np.random.default_rng(9)
+    x = paddle.to_tensor(rng.standard_normal((2, 8, 12, 12)).astype("float32"))
+    conv, norm = paddle.nn.Conv2D(8, 16, 3, padding=1), paddle.nn.GroupNorm(4, 8)
+    norm.weight.set_value(paddle.to_tensor(rng.standard_normal(8).astype("float32")))
+    with paddle.no_grad():
+        np.testing.assert_array_equal(conv(x).numpy(),
+                                      kernels.pcm_conv2d(x, conv.weight, conv.bias, 1, 1, 1, 1, 1, 1,
+                                                         cpu_kernels.threads()).numpy())
+        fast_norm = norm(x).numpy()
+        np.testing.assert_array_equal(fast_norm, kernels.pcm_group_norm(x, norm.weight, norm.bias, 4, 1e-5,
+                                                                        cpu_kernels.threads()).numpy())
+        fast_silu = paddle.nn.Silu()(x).numpy()
+        np.testing.assert_array_equal(fast_silu, kernels.pcm_silu(x, cpu_kernels.threads()).numpy())
+    plain_norm = F.group_norm(x, 4, 1e-5, norm.weight, norm.bias).numpy()
+    np.testing.assert_allclose(fast_norm, plain_norm, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(fast_silu, F.silu(x).numpy(), rtol=2e-6, atol=1e-7)
+    with paddle.no_grad(), cpu_kernels.forward_only_kernels_off():  # a forward that backward recomputes
+        np.testing.assert_array_equal(norm(x).numpy(), plain_norm)
+        np.testing.assert_array_equal(paddle.nn.Silu()(x).numpy(), F.silu(x).numpy())
+    x.stop_gradient = False  # a gradient to compute: Paddle's ops, which record it
+    for layer in (conv, norm, paddle.nn.Silu()):
+        assert not layer(x).stop_gradient
+    np.testing.assert_array_equal(norm(x).numpy(), plain_norm)
+
+
+def test_vae_attention_runs_the_fused_kernel(kernels):
+    """ppdiffusers' AttnProcessor (the VAE's mid-block on CPU) runs AttnProcessor2_5's path, i.e. the fused
+    attention; the VAE encoding agrees with the plain processor within fp32 roundoff."""
+    if not cpu_kernels.has_fused_attention():
+        pytest.skip("Paddle ships no MKL here: no fused attention")
+    from ppdiffusers.models.attention_processor import Attention
+
+    attn = Attention(8, heads=1, dim_head=8, norm_num_groups=4, residual_connection=True, bias=True,
+                     upcast_softmax=True, _from_deprecated_attn_block=True)
+    attn.eval()
+    x = paddle.to_tensor(np.random.default_rng(10).standard_normal((2, 8, 6, 6)).astype("float32"))
+    with paddle.no_grad():
+        fast = attn(x).numpy()
+        plain = paddle_compat._UPSTREAM_ATTN_PROCESSOR_CALL(attn.processor, attn, x).numpy()
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(fast, plain)
+
+
 PROBE = textwrap.dedent("""
     import sys, warnings
     sys.path.insert(0, {repo!r})
