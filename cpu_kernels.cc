@@ -7,7 +7,8 @@
 // sums run in 16 fixed lanes (element i adds into lane i % 16), combined in a fixed order, and every operation is a
 // single IEEE operation (built with -ffp-contract=off), so the result depends only on the row's values: not on the
 // thread count, the tensor's address or the instruction set. exp is the Cephes single-precision polynomial
-// (relative error < 4e-7), on 16-float GCC vectors. Attention: see its section.
+// (relative error < 4e-7), on 16-float GCC vectors; results below the smallest normal float are 0 (softmax, exp).
+// Attention: see its section.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -34,9 +35,11 @@ inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline vfloat splat(float x) { return vfloat{} + x; }
 
-// exp(x), lane by lane.
+// exp(x), lane by lane; 0 below exp(-87.34) ~ 1.2e-38, the smallest normal float (no subnormal results: MKL's
+// sgemm runs many times slower on them, e.g. after a softmax of causally masked scores).
 inline vfloat exp_poly(vfloat x) {
-  x = x < splat(-87.33654f) ? splat(-87.33654f) : x;  // exp(-87.34) ~ 1.2e-38, the smallest normal float
+  const vfloat underflow = x < splat(-87.33654f) ? splat(1.0f) : splat(0.0f);
+  x = x < splat(-87.33654f) ? splat(-87.33654f) : x;
   x = x > splat(88.0f) ? splat(88.0f) : x;  // exp(88) ~ 1.7e38 < FLT_MAX: 2^n stays a finite float
   const vfloat round = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
   const vfloat n = (x * 1.44269504088896341f + round) - round;
@@ -52,8 +55,11 @@ inline vfloat exp_poly(vfloat x) {
   const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
   vfloat scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return underflow > splat(0.0f) ? splat(0.0f) : p * scale;
 }
+
+// v, with the lanes below the smallest normal float (subnormal, for v >= 0) set to 0
+inline vfloat flush_subnormal(vfloat v) { return v < splat(1.17549435e-38f) ? splat(0.0f) : v; }
 
 inline float sum_lanes(vfloat v) {
   float s = 0.0f;
@@ -109,8 +115,8 @@ void softmax_rows(const float* x, float* y, int64_t begin, int64_t end, int64_t 
     }
     const float sum = sum_lanes(lanes);
     const vfloat inv = splat(1.0f / sum);
-    for (int64_t i = 0; i < full; i += kLanes) store(yr + i, load(yr + i) * inv);
-    if (tail) store_tail(yr + full, e_tail * inv, tail);
+    for (int64_t i = 0; i < full; i += kLanes) store(yr + i, flush_subnormal(load(yr + i) * inv));
+    if (tail) store_tail(yr + full, flush_subnormal(e_tail * inv), tail);
     if (lse) lse[row] = m + std::log(sum);
   }
 }
@@ -227,6 +233,7 @@ void parallel_rows(int64_t rows, int64_t n, int64_t threads, const std::function
   constexpr int64_t kMinElementsPerThread = 1 << 16;
   threads = std::max<int64_t>(1, std::min(threads, rows * n / kMinElementsPerThread));
   threads = std::min(threads, rows);
+  if (threads == 1) return fn(0, rows);  // no OpenMP region: one of a single thread would cost MKL's next call its team
   const int64_t chunk = (rows + threads - 1) / threads;
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
   for (int64_t t = 0; t < threads; ++t) fn(std::min(rows, t * chunk), std::min(rows, (t + 1) * chunk));
@@ -255,6 +262,13 @@ constexpr int64_t kQueryBlock = 64;
 void parallel_tasks(int64_t tasks, int64_t threads, int64_t scratch_floats,
                     const std::function<void(int64_t, float*)>& fn) {
   threads = std::max<int64_t>(1, std::min(threads, tasks));
+  if (threads == 1) {  // no OpenMP region (see parallel_rows)
+    std::vector<float> scratch(scratch_floats);
+    const int previous = MKL_Set_Num_Threads_Local(1);
+    for (int64_t task = 0; task < tasks; ++task) fn(task, scratch.data());
+    MKL_Set_Num_Threads_Local(previous);
+    return;
+  }
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scratch(scratch_floats);
@@ -652,7 +666,7 @@ std::vector<paddle::Tensor> Conv2dForward(const paddle::Tensor& x, const paddle:
   const int64_t row_floats = s.channels * s.kh * s.stride_w * s.phase_width();
   const int64_t tasks = s.batch * s.out_height;
   threads = std::max<int64_t>(1, std::min(threads, tasks));
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> rows(row_floats);
 #pragma omp for schedule(static)
@@ -683,12 +697,12 @@ std::vector<paddle::Tensor> GroupNormForward(const paddle::Tensor& x, const padd
   const float* xp = x.data<float>();
   float* yp = out.data<float>();
   const int64_t per_group = channels / groups, tasks = batch * groups;
-  threads = std::max<int64_t>(1, std::min(threads, tasks));
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t offset = task * per_group * pixels;  // images and groups are contiguous in NC...
-    group_norm_group(xp + offset, wp, bp, yp + offset, per_group, pixels, task % groups * per_group, epsilon);
-  }
+  parallel_rows(tasks, per_group * pixels, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t offset = task * per_group * pixels;  // images and groups are contiguous in NC...
+      group_norm_group(xp + offset, wp, bp, yp + offset, per_group, pixels, task % groups * per_group, epsilon);
+    }
+  });
   return {out};
 }
 

@@ -42,6 +42,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import math
 import os
 import warnings
 
@@ -57,6 +58,7 @@ IOMP = os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so")
 MKL = os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so")
 
 
+MIN_BIAS_KERNEL_ELEMENTS = 1 << 15  # add_bias: smaller products take Paddle's expand and add (fewer microseconds)
 MAX_DIRECT_CONV_TAPS = 128 * 3 * 3  # conv2d: input channels x kernel taps up to which the direct kernel is faster
 SWITCH = "PCM_CPU_KERNELS"  # "0": Paddle's own kernels
 _LOADED: dict = {}  # "module": the built extension, or None where it cannot be built or is switched off
@@ -170,11 +172,13 @@ def attention(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor, sc
 
 def add_bias(out: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     """``out + bias`` over the last axis, for an ``out`` that no graph records (a no-grad matmul's result): added in
-    place by the compiled kernel for CPU float32 tensors, else with ``bias`` expanded first (Paddle's broadcast add
-    is slow on CPU). The same sums either way; use the returned tensor."""
-    if _runs_here(out) and bias.dtype == paddle.float32 and out.is_contiguous():
+    place by the compiled kernel for CPU float32 tensors of at least 32k elements (below, the call costs more than
+    it saves), else with ``bias`` expanded first (Paddle's broadcast add is slow on CPU). The same sums either way;
+    use the returned tensor."""
+    shape = out.shape
+    if math.prod(shape) >= MIN_BIAS_KERNEL_ELEMENTS and bias.dtype == out.dtype and _runs_here(out):
         return kernels().pcm_add_bias_(out, _contiguous(bias), threads())
-    return out + bias.expand(out.shape)
+    return out + bias.expand(shape)
 
 
 def conv2d(x: paddle.Tensor, weight: paddle.Tensor, bias, stride, padding) -> paddle.Tensor:

@@ -207,16 +207,49 @@ def test_sd3_attention_uses_the_fused_kernel_only_where_it_applies(kernels):
     np.testing.assert_array_equal(sdpa(q64, k64, v64).numpy(), paddle_compat.math_attention(q64, k64, v64).numpy())
 
 
+def test_text_encoders_use_the_kernel_softmax_and_an_exact_square(kernels):
+    """ppdiffusers' CLIP and T5 modules see cpu_kernels.softmax as their functional softmax; T5LayerNorm squares
+    exactly (Paddle's pow(2) is off by an ulp for some inputs; PyTorch's pow(2), the reference's, is exact)."""
+    from ppdiffusers.transformers.clip import modeling as clip_modeling
+    from ppdiffusers.transformers.t5 import modeling as t5_modeling
+
+    scores = _scores(6, 77, seed=11)
+    expected = kernels.pcm_softmax(scores, cpu_kernels.threads()).numpy()
+    np.testing.assert_array_equal(clip_modeling.F.softmax(scores, axis=-1).numpy(), expected)
+    np.testing.assert_array_equal(t5_modeling.nn.functional.softmax(scores, axis=-1).numpy(), expected)
+    np.testing.assert_array_equal(clip_modeling.F.softmax(scores, axis=0).numpy(), F.softmax(scores, axis=0).numpy())
+    norm = t5_modeling.T5LayerNorm(64)
+    x = np.random.default_rng(12).standard_normal((2, 7, 64)).astype("float32")
+    squares = (x * x).mean(-1, keepdims=True, dtype="float32")  # numpy: the exact square, then Paddle's mean below
+    variance = paddle.to_tensor(x * x).mean(-1, keepdim=True)
+    np.testing.assert_allclose(variance.numpy(), squares, rtol=1e-6)
+    expected = (paddle.to_tensor(x) * paddle.rsqrt(variance + 1e-6)).numpy()
+    np.testing.assert_array_equal(norm(paddle.to_tensor(x)).numpy(), expected)
+
+
+def test_softmax_of_masked_scores_has_no_subnormal_probabilities(kernels):
+    """Probabilities below the smallest normal float are 0 (a causal mask's -inf entries, far-off scores): MKL's
+    matmul of the probabilities would otherwise run many times slower."""
+    x = _scores(64, 77, seed=13).numpy()
+    x[:, 40:] = -np.inf
+    x[:, 20] -= 200.0
+    probs = kernels.pcm_softmax(paddle.to_tensor(x), 1).numpy()
+    assert np.all(probs[:, 40:] == 0) and np.all(probs[probs > 0] >= np.finfo(np.float32).tiny)
+    np.testing.assert_allclose(probs.sum(-1), np.ones(64), rtol=1e-6)
+
+
 def test_add_bias_adds_in_place_with_paddles_sums(kernels):
-    """cpu_kernels.add_bias: the bits of Paddle's broadcast add, written into the product itself (row lengths around
-    the vector width)."""
+    """cpu_kernels.add_bias: the bits of Paddle's broadcast add, written into the product itself from 32k elements
+    (row lengths around the vector width), into a new tensor below that and for other dtypes."""
     rng = np.random.default_rng(8)
     for n in (1, 15, 16, 17, 256):
-        x, bias = rng.standard_normal((3, 5, n)).astype("float32"), rng.standard_normal(n).astype("float32")
-        out = paddle.to_tensor(x)
-        result = cpu_kernels.add_bias(out, paddle.to_tensor(bias))
-        np.testing.assert_array_equal(result.numpy(), (paddle.to_tensor(x) + paddle.to_tensor(bias)).numpy())
-        np.testing.assert_array_equal(out.numpy(), result.numpy())  # in place
+        rows = cpu_kernels.MIN_BIAS_KERNEL_ELEMENTS // n + 3
+        for shape in ((rows, n), (3, 5, n)):
+            x, bias = rng.standard_normal(shape).astype("float32"), rng.standard_normal(n).astype("float32")
+            out = paddle.to_tensor(x)
+            result = cpu_kernels.add_bias(out, paddle.to_tensor(bias))
+            np.testing.assert_array_equal(result.numpy(), (paddle.to_tensor(x) + paddle.to_tensor(bias)).numpy())
+            assert np.array_equal(out.numpy(), result.numpy()) == (len(shape) == 2)  # in place from 32k elements
     x64 = paddle.to_tensor(rng.standard_normal((4, 3)))
     np.testing.assert_array_equal(cpu_kernels.add_bias(x64, paddle.ones([3], "float64")).numpy(), x64.numpy() + 1)
 
