@@ -405,10 +405,11 @@ __attribute__((optimize("fp-contract=fast"))) void conv_row(const ConvShape& s, 
   }
 }
 
-// GroupNorm (forward only: no-grad passes, the VAE): per (image, group) the mean and variance of its channels x
+// GroupNorm (pcm_group_norm: forward only, optional weight and bias; pcm_affine_group_norm: with weight and bias, and
+// a backward, the discriminator heads'): per (image, group) the mean and variance of its channels x
 // pixels in 16 lanes, then y = (x - mean) * rstd * weight[c] + bias[c].
 void group_norm_group(const float* x, const float* weight, const float* bias, float* y, int64_t channels_per_group,
-                      int64_t pixels, int64_t first_channel, float epsilon) {
+                      int64_t pixels, int64_t first_channel, float epsilon, float* mean_out, float* rstd_out) {
   const int64_t n = channels_per_group * pixels, full = n / kLanes * kLanes, tail = n - full;
   const vfloat valid_tail = lane_index() < splat(static_cast<float>(tail)) ? splat(1.0f) : splat(0.0f);
   vfloat lanes = splat(0.0f);
@@ -426,11 +427,52 @@ void group_norm_group(const float* x, const float* weight, const float* bias, fl
     lanes += d * d;
   }
   const float rstd = 1.0f / __builtin_sqrtf(sum_lanes(lanes) / static_cast<float>(n) + epsilon);
+  *mean_out = mean;
+  *rstd_out = rstd;
   for (int64_t c = 0; c < channels_per_group; ++c) {
     const float w = weight ? weight[first_channel + c] : 1.0f, b = bias ? bias[first_channel + c] : 0.0f;
     const vfloat vr = splat(rstd), vw = splat(w), vb = splat(b);
     const int64_t offset = c * pixels;
     elementwise(x + offset, nullptr, y + offset, 0, pixels, [&](vfloat v, vfloat) { return (v - vm) * vr * vw + vb; });
+  }
+}
+
+// GroupNorm's gradients for one (image, group): dx, and this image's per-channel sums for dweight (dy * xhat) and
+// dbias (dy), which the caller adds over the images in order.
+void group_norm_grad_group(const float* x, const float* dy, const float* weight, float mean, float rstd, float* dx,
+                           float* dweight_part, float* dbias_part, int64_t channels_per_group, int64_t pixels,
+                           int64_t first_channel) {
+  const int64_t full = pixels / kLanes * kLanes, tail = pixels - full;
+  const vfloat vm = splat(mean), vr = splat(rstd);
+  vfloat sum_g = splat(0.0f), sum_g_xhat = splat(0.0f);  // of dxhat = dy * weight[c], and of dxhat * xhat
+  for (int64_t c = 0; c < channels_per_group; ++c) {
+    const float* xc = x + c * pixels;
+    const float* gc = dy + c * pixels;
+    const vfloat w = splat(weight[first_channel + c]);
+    vfloat db = splat(0.0f), dw = splat(0.0f);
+    for (int64_t i = 0; i < full; i += kLanes) {
+      const vfloat g = load(gc + i), xhat = (load(xc + i) - vm) * vr;
+      db += g;
+      dw += g * xhat;
+    }
+    if (tail) {  // zero-filled dy: the padded lanes add nothing
+      const vfloat g = load_tail(gc + full, tail), xhat = (load_tail(xc + full, tail) - vm) * vr;
+      db += g;
+      dw += g * xhat;
+    }
+    dbias_part[c] = sum_lanes(db);
+    dweight_part[c] = sum_lanes(dw);
+    sum_g += db * w;
+    sum_g_xhat += dw * w;
+  }
+  const float count = static_cast<float>(channels_per_group * pixels);
+  const vfloat mean_g = splat(sum_lanes(sum_g) / count), mean_g_xhat = splat(sum_lanes(sum_g_xhat) / count);
+  for (int64_t c = 0; c < channels_per_group; ++c) {
+    const vfloat w = splat(weight[first_channel + c]);
+    const int64_t offset = c * pixels;
+    elementwise(x + offset, dy + offset, dx + offset, 0, pixels, [&](vfloat xv, vfloat g) {
+      return (g * w - mean_g - (xv - vm) * vr * mean_g_xhat) * vr;
+    });
   }
 }
 
@@ -694,21 +736,80 @@ std::vector<paddle::Tensor> GroupNormForward(const paddle::Tensor& x, const padd
   const float* wp = weight ? weight->data<float>() : nullptr;
   const float* bp = bias ? bias->data<float>() : nullptr;
   auto out = paddle::empty_like(x);
+  auto mean = paddle::empty({batch * groups}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto rstd = paddle::empty({batch * groups}, paddle::DataType::FLOAT32, paddle::CPUPlace());
   const float* xp = x.data<float>();
-  float* yp = out.data<float>();
+  float *yp = out.data<float>(), *mp = mean.data<float>(), *rp = rstd.data<float>();
   const int64_t per_group = channels / groups, tasks = batch * groups;
   parallel_rows(tasks, per_group * pixels, threads, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t offset = task * per_group * pixels;  // images and groups are contiguous in NC...
-      group_norm_group(xp + offset, wp, bp, yp + offset, per_group, pixels, task % groups * per_group, epsilon);
+      group_norm_group(xp + offset, wp, bp, yp + offset, per_group, pixels, task % groups * per_group, epsilon,
+                       mp + task, rp + task);
     }
   });
-  return {out};
+  return {out, mean, rstd};
 }
+
+std::vector<paddle::Tensor> AffineGroupNormForward(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                                   const paddle::Tensor& bias, int64_t groups, float epsilon,
+                                                   int64_t threads) {
+  check(weight, "Weight");
+  check(bias, "Bias");
+  PD_CHECK(weight.numel() == x.shape()[1] && bias.numel() == x.shape()[1],
+           "cpu_kernels: group_norm weight and bias need one value per channel");
+  return GroupNormForward(x, weight, bias, groups, epsilon, threads);
+}
+
+std::vector<paddle::Tensor> AffineGroupNormBackward(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                                    const paddle::Tensor& mean, const paddle::Tensor& rstd,
+                                                    const paddle::Tensor& grad_out, int64_t groups, float epsilon,
+                                                    int64_t threads) {
+  check(grad_out, "Out@GRAD");
+  const int64_t batch = x.shape()[0], channels = x.shape()[1], pixels = x.numel() / (batch * channels);
+  const int64_t per_group = channels / groups, tasks = batch * groups;
+  auto dx = paddle::empty_like(x);
+  auto dweight = paddle::empty_like(weight), dbias = paddle::empty_like(weight);
+  std::vector<float> dweight_parts(batch * channels), dbias_parts(batch * channels);
+  const float *xp = x.data<float>(), *gp = grad_out.data<float>(), *wp = weight.data<float>();
+  const float *mp = mean.data<float>(), *rp = rstd.data<float>();
+  float* dxp = dx.data<float>();
+  parallel_rows(tasks, per_group * pixels, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t offset = task * per_group * pixels, first = task % groups * per_group;
+      const int64_t part = task / groups * channels + first;
+      group_norm_grad_group(xp + offset, gp + offset, wp, mp[task], rp[task], dxp + offset,
+                            dweight_parts.data() + part, dbias_parts.data() + part, per_group, pixels, first);
+    }
+  });
+  float *dwp = dweight.data<float>(), *dbp = dbias.data<float>();
+  for (int64_t c = 0; c < channels; ++c) {  // over the images, in order
+    float dw = 0.0f, db = 0.0f;
+    for (int64_t n = 0; n < batch; ++n) {
+      dw += dweight_parts[n * channels + c];
+      db += dbias_parts[n * channels + c];
+    }
+    dwp[c] = dw;
+    dbp[c] = db;
+  }
+  return {dx, dweight, dbias};
+}
+
+PD_BUILD_OP(pcm_affine_group_norm)
+    .Inputs({"X", "Weight", "Bias"})
+    .Outputs({"Out", "Mean", "Rstd"})
+    .Attrs({"groups: int64_t", "epsilon: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(AffineGroupNormForward));
+
+PD_BUILD_GRAD_OP(pcm_affine_group_norm)
+    .Inputs({"X", "Weight", "Mean", "Rstd", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Weight"), paddle::Grad("Bias")})
+    .Attrs({"groups: int64_t", "epsilon: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(AffineGroupNormBackward));
 
 PD_BUILD_OP(pcm_group_norm)
     .Inputs({"X", paddle::Optional("Weight"), paddle::Optional("Bias")})
-    .Outputs({"Out"})
+    .Outputs({"Out", "Mean", "Rstd"})
     .Attrs({"groups: int64_t", "epsilon: float", "threads: int64_t"})
     .SetKernelFn(PD_KERNEL(GroupNormForward));
 

@@ -204,7 +204,8 @@ _FORWARD_ONLY = [True]  # False inside forward_only_kernels_off()
 
 @contextlib.contextmanager
 def forward_only_kernels_off():
-    """Paddle's ops instead of the forward-only kernels (:func:`conv2d`, :func:`group_norm`, :func:`silu`) in this
+    """Paddle's ops instead of the forward-only kernels (:func:`conv2d`, :func:`silu`, :func:`group_norm` without
+    affine) in this
     block: for a no-grad forward that backward recomputes with gradients (gradient checkpointing, the
     discriminator's recomputed heads), so that both passes run the same ops and give the same bits."""
     previous, _FORWARD_ONLY[0] = _FORWARD_ONLY[0], False
@@ -221,10 +222,15 @@ def _no_grad(*tensors) -> bool:
 
 
 def group_norm(x: paddle.Tensor, groups: int, epsilon: float, weight=None, bias=None) -> paddle.Tensor:
-    """GroupNorm of ``[N, C, ...]``: the compiled kernel for CPU float32 tensors no gradient flows through (the VAE),
-    else ``F.group_norm``."""
-    if _runs_here(x) and len(x.shape) >= 2 and _no_grad(x, weight, bias):
-        return kernels().pcm_group_norm(_contiguous(x), weight, bias, int(groups), float(epsilon), threads())
+    """GroupNorm of ``[N, C, ...]`` on CPU float32: with weight and bias the compiled kernel with its backward (the
+    VAE's, the discriminator heads'), without them the forward-only kernel where no gradient flows; else
+    ``F.group_norm``."""
+    if _runs_here(x) and len(x.shape) >= 2:
+        if weight is not None and bias is not None and weight.dtype == bias.dtype == paddle.float32:
+            return kernels().pcm_affine_group_norm(_contiguous(x), weight, bias, int(groups), float(epsilon),
+                                                   threads())[0]
+        if _no_grad(x, weight, bias):
+            return kernels().pcm_group_norm(_contiguous(x), weight, bias, int(groups), float(epsilon), threads())[0]
     return F.group_norm(x, groups, epsilon, weight, bias)
 
 

@@ -279,10 +279,34 @@ def test_conv2d_matches_paddles_and_does_not_depend_on_threads(kernels, case):
         np.testing.assert_allclose(results[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("shape, groups", [((2, 256, 16, 16), 32), ((3, 8, 5, 7), 4), ((2, 32, 17), 32)])
+def test_affine_group_norm_and_its_gradients_match_paddles(kernels, shape, groups):
+    """GroupNorm with weight and bias (the VAE's, the discriminator heads'): output and the gradients of the input,
+    weight and bias against Paddle's within fp32 roundoff; the same bits for 1, 2 or 3 threads."""
+    rng = np.random.default_rng(shape[1])
+    arrays = [rng.standard_normal(shape).astype("float32") * 3 + 1] + [
+        rng.standard_normal(shape[1]).astype("float32") for _ in range(2)]
+    grad_out = paddle.to_tensor(rng.standard_normal(shape).astype("float32"))
+    results = []
+    for threads in (1, 2, 3, None):
+        x, w, b = (paddle.to_tensor(a, stop_gradient=False) for a in arrays)
+        if threads is None:
+            out = F.group_norm(x, groups, 1e-5, w, b)
+        else:
+            out = kernels.pcm_affine_group_norm(x, w, b, groups, 1e-5, threads)[0]
+        results.append([t.numpy() for t in (out, *paddle.grad(out, [x, w, b], grad_out))])
+    for other in results[1:3]:
+        for a, b in zip(other, results[0]):
+            np.testing.assert_array_equal(a, b)
+    for fast, plain in zip(results[0], results[3]):
+        np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=2e-6 * np.abs(plain).max())
+
+
 def test_vae_layers_use_the_kernels_without_gradients(kernels):
-    """Conv2D (up to 128 input channels x 3 x 3), GroupNorm and SiLU run the kernels in no-grad passes on CPU
+    """Conv2D (up to 128 input channels x 3 x 3) and SiLU run the forward-only kernels in no-grad passes on CPU
     float32, and Paddle's ops when a gradient flows (the discriminator heads train their convolutions) or inside
-    forward_only_kernels_off (a no-grad forward that backward recomputes)."""
+    forward_only_kernels_off (a no-grad forward that backward recomputes); an affine GroupNorm runs its kernel
+    (forward and backward) always, the forward-only one (no affine) under the same rule as the convolution."""
     rng = np.random.default_rng(9)
     x = paddle.to_tensor(rng.standard_normal((2, 8, 12, 12)).astype("float32"))
     conv, norm = paddle.nn.Conv2D(8, 16, 3, padding=1), paddle.nn.GroupNorm(4, 8)
@@ -293,19 +317,24 @@ def test_vae_layers_use_the_kernels_without_gradients(kernels):
                                                          cpu_kernels.threads()).numpy())
         fast_norm = norm(x).numpy()
         np.testing.assert_array_equal(fast_norm, kernels.pcm_group_norm(x, norm.weight, norm.bias, 4, 1e-5,
-                                                                        cpu_kernels.threads()).numpy())
+                                                                        cpu_kernels.threads())[0].numpy())
         fast_silu = paddle.nn.Silu()(x).numpy()
         np.testing.assert_array_equal(fast_silu, kernels.pcm_silu(x, cpu_kernels.threads()).numpy())
     plain_norm = F.group_norm(x, 4, 1e-5, norm.weight, norm.bias).numpy()
     np.testing.assert_allclose(fast_norm, plain_norm, rtol=1e-5, atol=2e-6)
+    bare = paddle.nn.GroupNorm(4, 8, weight_attr=False, bias_attr=False)
+    with paddle.no_grad():
+        np.testing.assert_array_equal(bare(x).numpy(), kernels.pcm_group_norm(x, None, None, 4, 1e-5, 1)[0].numpy())
+    np.testing.assert_allclose(bare(x).numpy(), F.group_norm(x, 4, 1e-5).numpy(), rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(fast_silu, F.silu(x).numpy(), rtol=2e-6, atol=1e-7)
     with paddle.no_grad(), cpu_kernels.forward_only_kernels_off():  # a forward that backward recomputes
-        np.testing.assert_array_equal(norm(x).numpy(), plain_norm)
         np.testing.assert_array_equal(paddle.nn.Silu()(x).numpy(), F.silu(x).numpy())
-    x.stop_gradient = False  # a gradient to compute: Paddle's ops, which record it
+        np.testing.assert_array_equal(conv(x).numpy(), F.conv2d(x, conv.weight, conv.bias, padding=1).numpy())
+        np.testing.assert_array_equal(norm(x).numpy(), fast_norm)  # the affine kernel has a backward: it stays
+    x.stop_gradient = False  # a gradient to compute: Paddle's convolution and SiLU, which record it
     for layer in (conv, norm, paddle.nn.Silu()):
         assert not layer(x).stop_gradient
-    np.testing.assert_array_equal(norm(x).numpy(), plain_norm)
+    np.testing.assert_array_equal(norm(x).numpy(), fast_norm)
 
 
 def test_vae_attention_runs_the_fused_kernel(kernels):
