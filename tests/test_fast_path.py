@@ -135,6 +135,36 @@ def _count_frozen_factor_calls(patch):
     return calls
 
 
+def test_no_grad_lora_layers_run_fused_with_the_same_bits(tiny_sd3, monkeypatch):
+    """A no-grad pass of the student (the target and the D step's student) runs each LoRA Linear as its ops without
+    the layers' calls (paddle_compat._lora_linear_without_grad): the same output, bit for bit, as layer by layer."""
+    from conftest import add_random_lora, load_frozen_transformer
+
+    frozen_linear.install()
+    student = add_random_lora(load_frozen_transformer(tiny_sd3), rank=4, seed=2)
+    config = student.config
+    paddle.seed(4)
+    inputs = dict(hidden_states=paddle.randn([2, 16, 16, 16]), timestep=paddle.full([2], 600.0),
+                  encoder_hidden_states=paddle.randn([2, 154, config.joint_attention_dim]),
+                  pooled_projections=paddle.randn([2, config.pooled_projection_dim]))
+    fused_calls = []
+    fused = paddle_compat._lora_linear_without_grad
+    monkeypatch.setattr(paddle_compat, "_lora_linear_without_grad",
+                        lambda layer, x: fused_calls.append(1) or fused(layer, x))
+    with paddle.no_grad():
+        fast = student(**inputs).sample.numpy()
+        assert len(fused_calls) == len(_peft_lora_linears(student))
+        monkeypatch.setattr(paddle_compat, "_lora_linear_without_grad", lambda layer, x: None)
+        plain = student(**inputs).sample.numpy()
+    np.testing.assert_array_equal(fast, plain)
+
+
+def _peft_lora_linears(model) -> list:
+    from ppdiffusers.peft.tuners.lora.layer import Linear
+
+    return [layer for _, layer in model.named_sublayers() if isinstance(layer, Linear)]
+
+
 def test_frozen_factor_multiply_is_the_plain_multiply_keeping_only_the_factor(monkeypatch):
     """frozen_ops.multiply: the product and the activation's gradient bit for bit as Paddle's multiply (either
     operand order; an fp16 activation times an fp32 factor promotes and casts the gradient back as Paddle does),
