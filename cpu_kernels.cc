@@ -162,34 +162,39 @@ void elementwise(const float* a, const float* b, float* out, int64_t begin, int6
   if (i < end) store_tail(out + i, fn(load_tail(a + i, end - i), b ? load_tail(b + i, end - i) : vfloat{}), end - i);
 }
 
+// The mean of n floats and 1 / sqrt(their variance + epsilon), two passes in 16 lanes.
+void mean_and_rstd(const float* x, int64_t n, float epsilon, float* mean, float* rstd) {
+  const int64_t full = n / kLanes * kLanes, tail = n - full;
+  vfloat lanes = splat(0.0f);
+  for (int64_t i = 0; i < full; i += kLanes) lanes += load(x + i);
+  if (tail) lanes += load_tail(x + full, tail);
+  const float m = sum_lanes(lanes) / static_cast<float>(n);
+  const vfloat vm = splat(m);
+  lanes = splat(0.0f);
+  for (int64_t i = 0; i < full; i += kLanes) {
+    const vfloat d = load(x + i) - vm;
+    lanes += d * d;
+  }
+  if (tail) {
+    const vfloat valid_tail = lane_index() < splat(static_cast<float>(tail)) ? splat(1.0f) : splat(0.0f);
+    const vfloat d = (load_tail(x + full, tail) - vm) * valid_tail;
+    lanes += d * d;
+  }
+  *mean = m;
+  *rstd = 1.0f / __builtin_sqrtf(sum_lanes(lanes) / static_cast<float>(n) + epsilon);
+}
+
 // LayerNorm over the last axis without weight and bias (SD3's norms): y = (x - mean) * rstd
 void layer_norm_rows(const float* x, float* y, float* mean, float* rstd, float epsilon, int64_t begin, int64_t end,
                      int64_t n) {
   const int64_t full = n / kLanes * kLanes, tail = n - full;
-  const vfloat valid_tail = lane_index() < splat(static_cast<float>(tail)) ? splat(1.0f) : splat(0.0f);
   for (int64_t row = begin; row < end; ++row) {
     const float* xr = x + row * n;
     float* yr = y + row * n;
-    vfloat lanes = splat(0.0f);
-    for (int64_t i = 0; i < full; i += kLanes) lanes += load(xr + i);
-    if (tail) lanes += load_tail(xr + full, tail);
-    const float m = sum_lanes(lanes) / static_cast<float>(n);
-    const vfloat vm = splat(m);
-    lanes = splat(0.0f);
-    for (int64_t i = 0; i < full; i += kLanes) {
-      const vfloat d = load(xr + i) - vm;
-      lanes += d * d;
-    }
-    if (tail) {
-      const vfloat d = (load_tail(xr + full, tail) - vm) * valid_tail;
-      lanes += d * d;
-    }
-    const float r = 1.0f / __builtin_sqrtf(sum_lanes(lanes) / static_cast<float>(n) + epsilon);
-    const vfloat vr = splat(r);
+    mean_and_rstd(xr, n, epsilon, mean + row, rstd + row);
+    const vfloat vm = splat(mean[row]), vr = splat(rstd[row]);
     for (int64_t i = 0; i < full; i += kLanes) store(yr + i, (load(xr + i) - vm) * vr);
     if (tail) store_tail(yr + full, (load_tail(xr + full, tail) - vm) * vr, tail);
-    mean[row] = m;
-    rstd[row] = r;
   }
 }
 
@@ -410,28 +415,11 @@ __attribute__((optimize("fp-contract=fast"))) void conv_row(const ConvShape& s, 
 // pixels in 16 lanes, then y = (x - mean) * rstd * weight[c] + bias[c].
 void group_norm_group(const float* x, const float* weight, const float* bias, float* y, int64_t channels_per_group,
                       int64_t pixels, int64_t first_channel, float epsilon, float* mean_out, float* rstd_out) {
-  const int64_t n = channels_per_group * pixels, full = n / kLanes * kLanes, tail = n - full;
-  const vfloat valid_tail = lane_index() < splat(static_cast<float>(tail)) ? splat(1.0f) : splat(0.0f);
-  vfloat lanes = splat(0.0f);
-  for (int64_t i = 0; i < full; i += kLanes) lanes += load(x + i);
-  if (tail) lanes += load_tail(x + full, tail);
-  const float mean = sum_lanes(lanes) / static_cast<float>(n);
-  const vfloat vm = splat(mean);
-  lanes = splat(0.0f);
-  for (int64_t i = 0; i < full; i += kLanes) {
-    const vfloat d = load(x + i) - vm;
-    lanes += d * d;
-  }
-  if (tail) {
-    const vfloat d = (load_tail(x + full, tail) - vm) * valid_tail;
-    lanes += d * d;
-  }
-  const float rstd = 1.0f / __builtin_sqrtf(sum_lanes(lanes) / static_cast<float>(n) + epsilon);
-  *mean_out = mean;
-  *rstd_out = rstd;
+  mean_and_rstd(x, channels_per_group * pixels, epsilon, mean_out, rstd_out);
+  const vfloat vm = splat(*mean_out), vr = splat(*rstd_out);
   for (int64_t c = 0; c < channels_per_group; ++c) {
     const float w = weight ? weight[first_channel + c] : 1.0f, b = bias ? bias[first_channel + c] : 0.0f;
-    const vfloat vr = splat(rstd), vw = splat(w), vb = splat(b);
+    const vfloat vw = splat(w), vb = splat(b);
     const int64_t offset = c * pixels;
     elementwise(x + offset, nullptr, y + offset, 0, pixels, [&](vfloat v, vfloat) { return (v - vm) * vr * vw + vb; });
   }
