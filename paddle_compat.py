@@ -43,6 +43,13 @@ measured in ENVIRONMENT.md and six more found while building the trainer:
    VAE's ``Downsample2D`` pads inside its convolution instead of with Paddle's slow pad kernel (the same bits).
    Without gradients, convolutions of up to 128 input channels x 3 x 3 run ``cpu_kernels``' direct kernel.
 
+11. On CPU ppdiffusers builds its ``Attention`` layers (the VAE's mid-block) with the plain ``AttnProcessor``
+   (Paddle's memory-efficient attention is missing there); on CPU float32 it runs ``AttnProcessor2_5``'s path,
+   i.e. ``cpu_kernels``' fused attention: the same attention at fp32 roundoff.
+
+12. ppdiffusers' CLIP and T5 encoders see ``cpu_kernels.softmax`` as their functional softmax, and T5LayerNorm
+   squares by a multiply (exact, as PyTorch's ``pow(2)``; Paddle's ``pow(2)`` is not and is 40x slower).
+
 Before ``import paddle`` it also sets the CPU fast-path settings (MKL's AVX2 path on AMD CPUs, no strided-copy
 kernels on CPU-only builds; see "CPU fast path" below and the README), never overriding a user's value, and
 on CPU attention (SD3's and, through ppdiffusers' plain ``AttnProcessor``, the VAE's: shim 11), SD3's affine-free
