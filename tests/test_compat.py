@@ -200,3 +200,25 @@ def test_lora_linear_keeps_the_base_result_dtype():
     np.testing.assert_allclose(out.numpy(), base + x.numpy() @ a @ b * 2.0, rtol=1e-5, atol=1e-6)
     layer._disable_adapters = True
     np.testing.assert_allclose(layer(x).numpy(), base, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_scale_one_does_not_walk_the_layers_and_other_scales_do(tiny_sd3, monkeypatch):
+    """The SD3 transformer's forward calls scale/unscale_lora_layers: at weight 1.0 they return at once (diffusers'
+    behaviour; ppdiffusers walked every sublayer to leave each scale unchanged), at 2.0 they still double every LoRA
+    layer's scaling and restore it."""
+    from conftest import add_random_lora, load_frozen_transformer
+    from ppdiffusers.models import transformer_sd3
+
+    assert transformer_sd3.scale_lora_layers is paddle_compat.scale_lora_layers
+    assert transformer_sd3.unscale_lora_layers is paddle_compat.unscale_lora_layers
+    model = add_random_lora(load_frozen_transformer(tiny_sd3), rank=4, seed=0)
+    layers = [layer for layer in model.sublayers() if hasattr(layer, "scaling")]
+    before = [dict(layer.scaling) for layer in layers]
+    paddle_compat.scale_lora_layers(model, 2.0)
+    assert [dict(layer.scaling) for layer in layers] == [{k: 2 * v for k, v in s.items()} for s in before]
+    paddle_compat.unscale_lora_layers(model, 2.0)
+    assert [dict(layer.scaling) for layer in layers] == before
+    monkeypatch.setattr(type(model), "sublayers", lambda *a, **k: pytest.fail("walked the sublayers at weight 1.0"))
+    paddle_compat.scale_lora_layers(model, 1.0)
+    paddle_compat.unscale_lora_layers(model, 1.0)
+    assert [dict(layer.scaling) for layer in layers] == before
