@@ -306,27 +306,29 @@ def _patch_sd3_checkpointing() -> bool:
 
 
 # --- 5. SD3 pipeline prompts over 77 tokens ----------------------------------------------
-class _PaddleWithTorchEqual:
-    """The ``paddle`` module as the SD3 pipeline module sees it, with ``equal`` meaning
-    ``torch.equal`` (same shape and all elements equal -> one bool), as the ported code expects."""
+class _ModuleWith:
+    """A module as one ppdiffusers module sees it, with some attributes replaced (shims 5 and 12)."""
 
-    def __init__(self, module):
+    def __init__(self, module, **replaced):
         self._module = module
+        self.__dict__.update(replaced)
 
     def __getattr__(self, name):
         return getattr(self._module, name)
 
-    @staticmethod
-    def equal(x, y):
-        return list(x.shape) == list(y.shape) and bool(paddle.equal_all(x, y).item())
+
+def torch_equal(x, y) -> bool:
+    """``torch.equal``: same shape and all elements equal, one bool (what the ported SD3 pipeline means by
+    ``paddle.equal``)."""
+    return list(x.shape) == list(y.shape) and bool(paddle.equal_all(x, y).item())
 
 
 def _patch_sd3_prompt_truncation() -> bool:
     from ppdiffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3 as module
 
-    if isinstance(module.paddle, _PaddleWithTorchEqual):
+    if isinstance(module.paddle, _ModuleWith):
         return False
-    module.paddle = _PaddleWithTorchEqual(module.paddle)
+    module.paddle = _ModuleWith(module.paddle, equal=torch_equal)
     return True
 
 
@@ -595,17 +597,6 @@ def _patch_attn_processor() -> bool:
 # not exact: 4 % of squares are off by an ulp; PyTorch's ``pow(2)``, which the reference runs, is the exact square).
 # Both modules see ``cpu_kernels.softmax`` as their functional softmax over the last axis, and T5LayerNorm squares by
 # multiplying. The tiny teacher's prompt encoding: see README.
-class _ModuleWith:
-    """A module as one ppdiffusers module sees it, with some attributes replaced."""
-
-    def __init__(self, module, **replaced):
-        self._module = module
-        self.__dict__.update(replaced)
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
 def text_encoder_softmax(x, axis=-1, dtype=None, name=None):
     """``F.softmax``; over the last axis without a dtype, ``cpu_kernels.softmax`` (its kernel on CPU float32)."""
     if dtype is None and axis in (-1, len(x.shape) - 1):
