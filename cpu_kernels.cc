@@ -245,6 +245,28 @@ void parallel_rows(int64_t rows, int64_t n, int64_t threads, const std::function
 }
 
 #ifdef PCM_WITH_MKL
+}  // namespace
+extern "C" int MKL_Set_Num_Threads_Local(int threads);  // the C interface (mkl_set_num_threads_local is Fortran's)
+namespace {
+#endif
+
+// Runs fn(task, scratch) for task in [0, tasks), in contiguous ranges on up to `threads` OpenMP threads (see
+// parallel_rows), each range with its own buffer of `scratch_floats` floats and MKL single-threaded on its thread.
+void parallel_tasks(int64_t tasks, int64_t threads, int64_t scratch_floats,
+                    const std::function<void(int64_t, float*)>& fn) {
+  parallel_rows(tasks, 1LL << 16, threads, [&](int64_t begin, int64_t end) {  // each task worth a thread
+    std::vector<float> scratch(scratch_floats);
+#ifdef PCM_WITH_MKL
+    const int previous = MKL_Set_Num_Threads_Local(1);
+#endif
+    for (int64_t task = begin; task < end; ++task) fn(task, scratch.data());
+#ifdef PCM_WITH_MKL
+    MKL_Set_Num_Threads_Local(previous);
+#endif
+  });
+}
+
+#ifdef PCM_WITH_MKL
 // Attention without the N x N matrices in memory (as PyTorch's CPU flash attention): queries in blocks of kQueryBlock
 // rows, their scores, probabilities and gradients in a per-thread buffer (kQueryBlock x N: in cache), the products
 // through MKL's single-threaded sgemm (Paddle's MKL) on strided views of the [batch, tokens, heads, head_dim]
@@ -255,34 +277,11 @@ void parallel_rows(int64_t rows, int64_t n, int64_t threads, const std::function
 extern "C" {
 void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a, int lda,
                  const float* b, int ldb, float beta, float* c, int ldc);
-int MKL_Set_Num_Threads_Local(int threads);  // the C interface (mkl_set_num_threads_local is Fortran's)
 }
 namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr int64_t kQueryBlock = 64;
-
-// Runs fn(task, scratch) for task in [0, tasks) on up to `threads` OpenMP threads, each with its own buffer of
-// `scratch_floats` floats and MKL single-threaded on it.
-void parallel_tasks(int64_t tasks, int64_t threads, int64_t scratch_floats,
-                    const std::function<void(int64_t, float*)>& fn) {
-  threads = std::max<int64_t>(1, std::min(threads, tasks));
-  if (threads == 1) {  // no OpenMP region (see parallel_rows)
-    std::vector<float> scratch(scratch_floats);
-    const int previous = MKL_Set_Num_Threads_Local(1);
-    for (int64_t task = 0; task < tasks; ++task) fn(task, scratch.data());
-    MKL_Set_Num_Threads_Local(previous);
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> scratch(scratch_floats);
-    const int previous = MKL_Set_Num_Threads_Local(1);
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < tasks; ++task) fn(task, scratch.data());
-    MKL_Set_Num_Threads_Local(previous);
-  }
-}
 
 struct AttentionShape {
   int64_t batch, queries, keys, heads, dim;
@@ -694,16 +693,9 @@ std::vector<paddle::Tensor> Conv2dForward(const paddle::Tensor& x, const paddle:
   const float* xp = x.data<float>();
   float* op = out.data<float>();
   const int64_t row_floats = s.channels * s.kh * s.stride_w * s.phase_width();
-  const int64_t tasks = s.batch * s.out_height;
-  threads = std::max<int64_t>(1, std::min(threads, tasks));
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    std::vector<float> rows(row_floats);
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < tasks; ++task) {
-      conv_row(s, xp, packed.data(), bp, op, task / s.out_height, task % s.out_height, rows.data());
-    }
-  }
+  parallel_tasks(s.batch * s.out_height, threads, row_floats, [&](int64_t task, float* rows) {
+    conv_row(s, xp, packed.data(), bp, op, task / s.out_height, task % s.out_height, rows);
+  });
   return {out};
 }
 

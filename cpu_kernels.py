@@ -185,9 +185,8 @@ def conv2d(x: paddle.Tensor, weight: paddle.Tensor, bias, stride, padding) -> pa
     """``conv2d(x, weight) + bias`` (NCHW, groups 1, dilation 1, zero ``padding`` as ``(top, bottom, left,
     right)``) by the compiled direct convolution, for CPU float32 tensors no gradient flows through (see
     :func:`conv2d_runs`)."""
-    tensors = [_contiguous(x), _contiguous(weight)] + ([] if bias is None else [_contiguous(bias)])
-    return kernels().pcm_conv2d(*tensors[:2], tensors[2] if bias is not None else None, int(stride[0]),
-                                int(stride[1]), *(int(p) for p in padding), threads())
+    return kernels().pcm_conv2d(_contiguous(x), _contiguous(weight), None if bias is None else _contiguous(bias),
+                                int(stride[0]), int(stride[1]), *(int(p) for p in padding), threads())
 
 
 def conv2d_runs(x: paddle.Tensor, weight: paddle.Tensor, bias) -> bool:
@@ -196,7 +195,7 @@ def conv2d_runs(x: paddle.Tensor, weight: paddle.Tensor, bias) -> bool:
     ``[2, 8, 256, 256]`` 3x3 10.9 -> 1.1 ms, PyTorch 1.4; ``[2, 128, 64, 64]`` 18.5 -> 13.4 ms; with 256
     channels Paddle's is faster)."""
     return (_runs_here(x) and weight.dtype == paddle.float32 and len(weight.shape) == 4
-            and weight.shape[1] * weight.shape[2] * weight.shape[3] <= MAX_DIRECT_CONV_TAPS and _no_grad(x, weight, bias))
+            and math.prod(weight.shape[1:]) <= MAX_DIRECT_CONV_TAPS and _no_grad(x, weight, bias))
 
 
 _FORWARD_ONLY = [True]  # False inside forward_only_kernels_off()
@@ -205,9 +204,8 @@ _FORWARD_ONLY = [True]  # False inside forward_only_kernels_off()
 @contextlib.contextmanager
 def forward_only_kernels_off():
     """Paddle's ops instead of the forward-only kernels (:func:`conv2d`, :func:`silu`, :func:`group_norm` without
-    affine) in this
-    block: for a no-grad forward that backward recomputes with gradients (gradient checkpointing, the
-    discriminator's recomputed heads), so that both passes run the same ops and give the same bits."""
+    affine) in this block: for a no-grad forward that backward recomputes with gradients (gradient checkpointing,
+    the discriminator's recomputed heads), so that both passes run the same ops and give the same bits."""
     previous, _FORWARD_ONLY[0] = _FORWARD_ONLY[0], False
     try:
         yield
