@@ -288,14 +288,23 @@ struct AttentionShape {
   int64_t ld() const { return heads * dim; }  // row stride of one head's [tokens, dim] view
 };
 
-// One query block of one head: out rows = softmax(scale * q k^T) v, lse rows = their log-sum-exp.
+// An additive bias on the scores: [batch or 1, heads or 1, queries, keys] (a stride of 0 broadcasts).
+struct ScoreBias {
+  const float* data = nullptr;
+  int64_t batch_stride = 0, head_stride = 0;
+};
+
+// One query block of one head: out rows = softmax(scale * q k^T + bias) v, lse rows (if lse) = their log-sum-exp.
 void attention_block(const AttentionShape& s, const float* q, const float* k, const float* v, float* out, float* lse,
-                     float scale, int64_t b, int64_t h, int64_t i0, float* scores) {
-  const int64_t m = std::min(kQueryBlock, s.queries - i0), ld = s.ld();
+                     float scale, int64_t b, int64_t h, int64_t i0, float* scores, const ScoreBias& bias = {}) {
+  const int64_t m = std::min(kQueryBlock, s.queries - i0), ld = s.ld(), n = s.keys;
   const int64_t q_offset = ((b * s.queries + i0) * s.heads + h) * s.dim, kv_offset = (b * s.keys * s.heads + h) * s.dim;
-  cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, s.keys, s.dim, scale, q + q_offset, ld, k + kv_offset, ld, 0.0f, scores,
-              s.keys);
-  softmax_rows(scores, scores, 0, m, s.keys, lse + (b * s.heads + h) * s.queries + i0);
+  cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, n, s.dim, scale, q + q_offset, ld, k + kv_offset, ld, 0.0f, scores, n);
+  if (bias.data) {
+    const float* rows = bias.data + b * bias.batch_stride + h * bias.head_stride + i0 * n;
+    for (int64_t i = 0; i < m * n; ++i) scores[i] += rows[i];
+  }
+  softmax_rows(scores, scores, 0, m, n, lse ? lse + (b * s.heads + h) * s.queries + i0 : nullptr);
   cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.dim, s.keys, 1.0f, scores, s.keys, v + kv_offset, ld, 0.0f,
               out + q_offset, ld);
 }
@@ -644,6 +653,35 @@ std::vector<paddle::Tensor> AttentionBackward(const paddle::Tensor& q, const pad
   });
   return {dq, dk, dv};
 }
+
+// Forward only (no-grad passes: the text encoders' attention with its causal mask or position bias).
+std::vector<paddle::Tensor> AttentionWithBias(const paddle::Tensor& q, const paddle::Tensor& k, const paddle::Tensor& v,
+                                              const paddle::Tensor& bias, float scale, int64_t threads) {
+  const AttentionShape s = attention_shape(q, k, v);
+  check(bias, "Bias");
+  const auto& shape = bias.shape();
+  PD_CHECK(shape.size() == 4 && (shape[0] == 1 || shape[0] == s.batch) && (shape[1] == 1 || shape[1] == s.heads) &&
+               shape[2] == s.queries && shape[3] == s.keys,
+           "cpu_kernels: the attention bias must be [batch or 1, heads or 1, queries, keys]");
+  const int64_t rows = s.queries * s.keys;
+  const ScoreBias score_bias{bias.data<float>(), shape[0] == 1 ? 0 : shape[1] * rows, shape[1] == 1 ? 0 : rows};
+  auto out = paddle::empty_like(q);
+  const float *qp = q.data<float>(), *kp = k.data<float>(), *vp = v.data<float>();
+  float* op = out.data<float>();
+  const int64_t blocks = (s.queries + kQueryBlock - 1) / kQueryBlock;
+  parallel_tasks(s.batch * s.heads * blocks, threads, kQueryBlock * s.keys, [&](int64_t task, float* scores) {
+    const int64_t head = task / blocks;
+    attention_block(s, qp, kp, vp, op, nullptr, scale, head / s.heads, head % s.heads, task % blocks * kQueryBlock,
+                    scores, score_bias);
+  });
+  return {out};
+}
+
+PD_BUILD_OP(pcm_attention_with_bias)
+    .Inputs({"Q", "K", "V", "Bias"})
+    .Outputs({"Out"})
+    .Attrs({"scale: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(AttentionWithBias));
 
 PD_BUILD_OP(pcm_attention)
     .Inputs({"Q", "K", "V"})

@@ -170,6 +170,25 @@ def attention(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor, sc
     return kernels().pcm_attention(q, k, v, float(scale), threads())[0]
 
 
+
+def attention_with_bias_runs(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor, bias) -> bool:
+    """Whether :func:`attention_with_bias` takes these tensors: :func:`fused_attention_runs`, a CPU float32 ``bias``
+    of ``[batch or 1, heads or 1, queries, keys]``, and no gradient to compute (it is forward only)."""
+    batch, queries, heads, _ = query.shape
+    return (fused_attention_runs(query, key, value) and bias.dtype == paddle.float32 and len(bias.shape) == 4
+            and bias.shape[0] in (1, batch) and bias.shape[1] in (1, heads)
+            and bias.shape[2:] == [queries, key.shape[1]] and _no_grad(query, key, value, bias))
+
+
+def attention_with_bias(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor, bias: paddle.Tensor,
+                        scale: float) -> paddle.Tensor:
+    """``softmax(scale * q k^T + bias) v`` per head on ``[batch, tokens, heads, head_dim]`` tensors, ``bias``
+    broadcast from ``[batch or 1, heads or 1, queries, keys]`` (a causal mask, T5's position bias): the fused
+    attention's forward, for passes without gradients (see :func:`attention_with_bias_runs`)."""
+    q, k, v, b = (_contiguous(t) for t in (query, key, value, bias))
+    return kernels().pcm_attention_with_bias(q, k, v, b, float(scale), threads())
+
+
 def add_bias(out: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     """``out + bias`` over the last axis, for an ``out`` that no graph records (a no-grad matmul's result): added in
     place by the compiled kernel for CPU float32 tensors of at least 32k elements (below, the call costs more than

@@ -23,7 +23,6 @@ from __future__ import annotations
 import weakref
 
 import paddle
-import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 import frozen_ops
@@ -55,7 +54,7 @@ class LoraDown(PyLayer):
 
     @staticmethod
     def forward(ctx, x, weight):
-        out = F.linear(x.astype(weight.dtype), weight)
+        out = paddle.matmul(x.astype(weight.dtype), weight)  # F.linear's op without a bias
         ctx.compute_dtype = out.dtype  # the weight's, or autocast's low-precision dtype
         ctx.input_dtype, ctx.input_needs_grad = x.dtype, not x.stop_gradient
         ctx.save_for_backward(_in_dtype(x, out.dtype), weight)

@@ -155,8 +155,11 @@ def add(a, b):
 
 
 def linear(x, weight, bias=None):
-    """``F.linear(x, weight, bias)``; on CPU a frozen bias added in place or expanded (the same matmul and sums)."""
-    if bias is None or not bias.stop_gradient or not x.place.is_cpu_place():
+    """``F.linear(x, weight, bias)``; without a bias its matmul (``F.linear``'s own op, without its ~10 us flag lookup
+    per call), on CPU a frozen bias added in place or expanded (the same matmul and sums)."""
+    if bias is None:
+        return paddle.matmul(x, weight)
+    if not bias.stop_gradient or not x.place.is_cpu_place():
         return F.linear(x, weight, bias)
     out = paddle.matmul(x, weight)
     if out.stop_gradient:  # no graph holds the product: the bias goes in place

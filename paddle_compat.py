@@ -591,17 +591,92 @@ def _patch_attn_processor() -> bool:
     return True
 
 
-# --- 12. The text encoders' softmax and T5's RMS norm on CPU ----------------------------------------------
-# ppdiffusers' CLIP and T5 attention call Paddle's single-threaded CPU softmax (0.15 ms on a [2, 4, 77, 77] tiny
-# encoder's scores), and T5LayerNorm squares with ``pow(2)`` (0.11 ms on [2, 77, 64] against 3 us for a multiply, and
-# not exact: 4 % of squares are off by an ulp; PyTorch's ``pow(2)``, which the reference runs, is the exact square).
-# Both modules see ``cpu_kernels.softmax`` as their functional softmax over the last axis, and T5LayerNorm squares by
-# multiplying. The tiny teacher's prompt encoding: see README.
+# --- 12. The text encoders on CPU -------------------------------------------------------------------------------
+# ppdiffusers' CLIP and T5 attention are two matmuls around Paddle's single-threaded CPU softmax (0.15 ms on a
+# [2, 4, 77, 77] tiny encoder's scores), with CLIP's causal mask or T5's position bias added to the scores in
+# between; CLIP builds its causal mask anew on every call. Where no gradient flows (the trainer's prompt encoding),
+# both attentions run as ``cpu_kernels.attention_with_bias`` (the fused attention with the mask or bias added to its
+# scores; PyTorch's CLIP runs its fused attention with the mask too), and CLIP's mask is built once per shape.
+# Elsewhere both modules see ``cpu_kernels.softmax`` as their functional softmax over the last axis. T5LayerNorm
+# squares with ``pow(2)`` (0.11 ms on [2, 77, 64] against 3 us for a multiply, and not exact: 4 % of squares are off
+# by an ulp) and T5's GELU cubes with ``pow(x, 3)`` (0.12 ms against 5 us, also off by an ulp); PyTorch's ``pow``
+# with exponent 2 or 3, which the reference runs, is exactly ``x * x`` or ``x * x * x``, and so are these. The tiny
+# teacher's prompt encoding: see README.
 def text_encoder_softmax(x, axis=-1, dtype=None, name=None):
     """``F.softmax``; over the last axis without a dtype, ``cpu_kernels.softmax`` (its kernel on CPU float32)."""
     if dtype is None and axis in (-1, len(x.shape) - 1):
         return cpu_kernels.softmax(x)
     return F.softmax(x, axis=axis, dtype=dtype, name=name)
+
+
+def _fused_text_attention(layer, hidden_states, bias, heads: int, projections, scale: float, dropout: float):
+    """The attention of ``hidden_states`` ``[batch, tokens, width]`` through ``cpu_kernels.attention_with_bias``, with
+    ``projections`` (q, k, v: their outputs split into ``heads``; q multiplied by ``scale`` first unless it is 1),
+    or ``None`` where that kernel does not take it (not CPU float32, a gradient to compute, dropout)."""
+    if (bias is None or (layer.training and dropout > 0) or hidden_states.dtype != paddle.float32
+            or not hidden_states.place.is_cpu_place() or not cpu_kernels.has_fused_attention()):
+        return None
+    if paddle.is_grad_enabled() and not all(t.stop_gradient for t in (hidden_states, bias, *layer.parameters())):
+        return None
+    batch, tokens = hidden_states.shape[:2]
+    if (len(bias.shape) != 4 or bias.dtype != paddle.float32 or bias.shape[0] not in (1, batch)
+            or bias.shape[1] not in (1, heads) or bias.shape[2:] != [tokens, tokens]):
+        return None
+    query, key, value = (projection(hidden_states) for projection in projections)
+    if scale != 1.0:
+        query = query * scale
+    query, key, value = (t.reshape([batch, tokens, heads, -1]) for t in (query, key, value))
+    return cpu_kernels.attention_with_bias(query, key, value, bias, 1.0).reshape([batch, tokens, -1])
+
+
+def clip_attention_forward(self, hidden_states, attention_mask=None, causal_attention_mask=None,
+                           output_attentions=False):
+    """``CLIPAttention.forward``; without a padding mask or attention weights to return, the fused attention
+    (see :func:`_fused_text_attention`)."""
+    if attention_mask is None and not output_attentions:
+        out = _fused_text_attention(self, hidden_states, causal_attention_mask, self.num_heads,
+                                    (self.q_proj, self.k_proj, self.v_proj), self.scale, self.dropout)
+        if out is not None:
+            return self.out_proj(out), None
+    return _UPSTREAM_TEXT_ATTENTION["clip"](self, hidden_states, attention_mask, causal_attention_mask,
+                                            output_attentions)
+
+
+def t5_attention_forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None,
+                         past_key_value=None, query_length=None, use_cache=False, output_attentions=False):
+    """``T5Attention.forward``; for self-attention without a cache or attention weights to return, the fused
+    attention with the (masked) position bias, computed as upstream does and returned for the next layer."""
+    if key_value_states is None and past_key_value is None and not output_attentions and not (
+            self.is_decoder and use_cache):
+        bias = position_bias
+        if bias is None and hidden_states.place.is_cpu_place():
+            tokens = hidden_states.shape[1]
+            if self.has_relative_attention_bias:
+                bias = self.compute_bias(tokens, tokens)
+            else:
+                bias = paddle.zeros((1, self.n_heads, tokens, tokens), dtype=hidden_states.dtype)
+            if mask is not None:
+                bias = bias + mask
+        out = _fused_text_attention(self, hidden_states, bias, self.n_heads, (self.q, self.k, self.v), 1.0,
+                                    self.dropout)
+        if out is not None:
+            return self.o(out), None, bias
+    return _UPSTREAM_TEXT_ATTENTION["t5"](self, hidden_states, mask, key_value_states, position_bias, past_key_value,
+                                          query_length, use_cache, output_attentions)
+
+
+_CAUSAL_MASKS: dict = {}  # (batch, tokens, dtype, place) -> CLIP's causal mask (read only)
+
+
+def clip_causal_mask(self, bsz, seq_len, dtype):
+    """``CLIPTextTransformer._build_causal_attention_mask`` (the dtype's minimum above the diagonal, else 0), built
+    once per shape, dtype and device."""
+    key = (int(bsz), int(seq_len), str(dtype), str(paddle.get_device()))
+    if key not in _CAUSAL_MASKS:
+        if len(_CAUSAL_MASKS) >= 16:
+            _CAUSAL_MASKS.clear()
+        _CAUSAL_MASKS[key] = _UPSTREAM_TEXT_ATTENTION["clip_mask"](self, bsz, seq_len, dtype)
+    return _CAUSAL_MASKS[key]
 
 
 def t5_layer_norm_forward(self, hidden_states):
@@ -616,7 +691,16 @@ def t5_layer_norm_forward(self, hidden_states):
     return self.weight * hidden_states
 
 
+def new_gelu_forward(self, input):
+    """PaddleNLP's ``NewGELUActivation.forward`` (T5's ``gelu_new``), cubing by multiplies."""
+    return 0.5 * input * (1.0 + paddle.tanh(math.sqrt(2.0 / math.pi) * (input + 0.044715 * (input * input * input))))
+
+
+_UPSTREAM_TEXT_ATTENTION: dict = {}
+
+
 def _patch_text_encoders() -> bool:
+    from paddlenlp.transformers.activations import NewGELUActivation
     from ppdiffusers.transformers.clip import modeling as clip_modeling
     from ppdiffusers.transformers.t5 import modeling as t5_modeling
 
@@ -626,6 +710,13 @@ def _patch_text_encoders() -> bool:
     clip_modeling.F = functional
     t5_modeling.nn = _ModuleWith(t5_modeling.nn, functional=functional)
     t5_modeling.T5LayerNorm.forward = t5_layer_norm_forward
+    NewGELUActivation.forward = new_gelu_forward
+    text_transformer = clip_modeling.CLIPTextTransformer
+    _UPSTREAM_TEXT_ATTENTION.update(clip=clip_modeling.CLIPAttention.forward, t5=t5_modeling.T5Attention.forward,
+                                    clip_mask=text_transformer._build_causal_attention_mask)
+    clip_modeling.CLIPAttention.forward = clip_attention_forward
+    t5_modeling.T5Attention.forward = t5_attention_forward
+    text_transformer._build_causal_attention_mask = clip_causal_mask
     return True
 
 

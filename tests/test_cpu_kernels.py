@@ -227,6 +227,92 @@ def test_text_encoders_use_the_kernel_softmax_and_an_exact_square(kernels):
     np.testing.assert_array_equal(norm(paddle.to_tensor(x)).numpy(), expected)
 
 
+# CLIP's causal mask (per sample, shared by the heads), T5's position bias (shared by the batch), a full bias
+BIAS_CASES = [("causal", (2, 77, 77, 4, 16), (2, 1)), ("position", (2, 77, 77, 4, 8), (1, 4)),
+              ("full", (3, 65, 130, 2, 8), (3, 2)), ("one", (1, 1, 7, 1, 24), (1, 1))]
+
+
+@pytest.mark.parametrize("case", BIAS_CASES, ids=[c[0] for c in BIAS_CASES])
+def test_attention_with_bias_matches_the_exact_one_and_does_not_depend_on_threads(kernels, case):
+    """softmax(scale q k^T + bias) v with the bias broadcast over batch or heads: within fp32 roundoff of float64
+    (a causal mask of the dtype's minimum gives exact zeros above the diagonal), the same bits for 1, 2, 3 threads."""
+    if not cpu_kernels.has_fused_attention():
+        pytest.skip("Paddle ships no MKL here: no fused attention")
+    name, (batch, queries, keys, heads, dim), (bias_batch, bias_heads) = case
+    rng = np.random.default_rng(queries + keys)
+    q, k, v = (rng.standard_normal((batch, n, heads, dim)).astype("float32") * 2 for n in (queries, keys, keys))
+    if name == "causal":
+        bias = np.triu(np.full((bias_batch, 1, queries, keys), np.finfo(np.float32).min, "float32"), 1)
+    else:
+        bias = rng.standard_normal((bias_batch, bias_heads, queries, keys)).astype("float32") * 3
+    scale = 0.3
+    scores = scale * np.einsum("bqhd,bkhd->bhqk", q.astype("float64"), k.astype("float64")) + bias
+    exact = np.einsum("bhqk,bkhd->bqhd", _exact(scores), v.astype("float64"))
+    inputs = [paddle.to_tensor(a) for a in (q, k, v, bias)]
+    results = [kernels.pcm_attention_with_bias(*inputs, scale, threads).numpy() for threads in (1, 2, 3)]
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+    np.testing.assert_allclose(results[0], exact, rtol=1e-4, atol=2e-5 * np.abs(exact).max())
+    np.testing.assert_array_equal(cpu_kernels.attention_with_bias(*inputs, scale).numpy(), results[0])
+    if name == "causal":  # the first query sees only the first key
+        np.testing.assert_array_equal(results[0][:, 0], v[:, 0])
+
+
+def test_text_encoders_run_the_fused_attention_without_gradients(kernels, tiny_sd3, monkeypatch):
+    """The tiny teacher's CLIP and T5 encoders: without gradients their attention runs attention_with_bias (2 + 2
+    CLIP layers, 2 T5 layers) and agrees with ppdiffusers' own within fp32 roundoff (here: bit for bit, the same
+    products and the same softmax code); with gradients to compute it
+    is ppdiffusers' own, bit for bit. CLIP's causal mask is built once per shape and equals upstream's."""
+    if not cpu_kernels.has_fused_attention():
+        pytest.skip("Paddle ships no MKL here: no fused attention")
+    from ppdiffusers.transformers.clip import modeling as clip_modeling
+    from ppdiffusers.transformers.t5 import modeling as t5_modeling
+    from sd3_text_encoding import _token_ids, load_tokenizers_and_text_encoders
+
+    tokenizers, encoders = load_tokenizers_and_text_encoders(tiny_sd3)
+    prompts = ["a red cube on a wooden table", "two dogs"]
+    ids = [_token_ids(tokenizer, prompts) for tokenizer in tokenizers]
+
+    def encode():
+        clip = [encoder(i, output_hidden_states=True) for encoder, i in zip(encoders[:2], ids[:2])]
+        outs = [t for out in clip for t in (out[0], out.hidden_states[-2])] + [encoders[2](ids[2])[0]]
+        return [t.numpy() for t in outs]
+
+    calls = []
+    fused = cpu_kernels.attention_with_bias
+    monkeypatch.setattr(cpu_kernels, "attention_with_bias", lambda *a: calls.append(a[3].shape) or fused(*a))
+    with paddle.no_grad():
+        fast = encode()
+    t5_heads = encoders[2].config.num_heads
+    assert [list(shape) for shape in calls] == [[2, 1, 77, 77]] * 4 + [[2, t5_heads, 77, 77]] * 2  # causal; bias
+    trained = encode()  # the encoders' weights take gradients here: ppdiffusers' own attention
+    assert len(calls) == 6
+    upstream = paddle_compat._UPSTREAM_TEXT_ATTENTION
+    monkeypatch.setattr(clip_modeling.CLIPAttention, "forward", upstream["clip"])
+    monkeypatch.setattr(t5_modeling.T5Attention, "forward", upstream["t5"])
+    with paddle.no_grad():
+        plain = encode()
+    for a, b, c in zip(fast, plain, trained):
+        np.testing.assert_array_equal(c, b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+    text_model = encoders[0].text_model
+    mask = text_model._build_causal_attention_mask(3, 9, paddle.float32)
+    assert text_model._build_causal_attention_mask(3, 9, paddle.float32) is mask
+    np.testing.assert_array_equal(mask.numpy(), upstream["clip_mask"](text_model, 3, 9, paddle.float32).numpy())
+
+
+def test_t5_gelu_cubes_exactly(kernels):
+    """T5's gelu_new cubes by multiplying, as PyTorch's pow(x, 3) does (Paddle's pow is off by an ulp for some)."""
+    from paddlenlp.transformers.activations import ACT2FN
+
+    x = np.random.default_rng(14).standard_normal((2, 7, 64)).astype("float32") * 3
+    cubes = paddle.to_tensor(x * x * x)  # numpy: float32 products, rounded after each
+    t = paddle.to_tensor(x)
+    expected = 0.5 * t * (1.0 + paddle.tanh(float(np.sqrt(2.0 / np.pi)) * (t + 0.044715 * cubes)))
+    np.testing.assert_array_equal(ACT2FN["gelu_new"](t).numpy(), expected.numpy())
+    assert not np.array_equal(paddle.pow(t, 3.0).numpy(), cubes.numpy())  # what the multiply is for
+
+
 def test_softmax_of_masked_scores_has_no_subnormal_probabilities(kernels):
     """Probabilities below the smallest normal float are 0 (a causal mask's -inf entries, far-off scores): MKL's
     matmul of the probabilities would otherwise run many times slower."""
