@@ -73,6 +73,53 @@ class LoraDown(PyLayer):
         return grad_input.astype(weight.dtype).astype(ctx.input_dtype), grad_weight
 
 
+class LoraLinear(PyLayer):
+    """A float32 LoRA ``Linear`` with a frozen base layer, ``x @ W + b + (x @ A) @ B * scale``, as one node: the ops
+    of ``FrozenWeightLinear``, :class:`LoraDown`, ``lora_B``'s matmul, the scale, and the sum (the same forward bits),
+    keeping what they keep (``x`` and ``h = x @ A``; ``W``, ``A``, ``B`` are parameters) without their six graph
+    nodes and the branch's same-dtype copy (``Tensor.cast``). Backward runs the ops those nodes' backwards run and
+    adds the input's two gradient terms here, where the engine added them among the input's other consumers'
+    (last-bit differences in ``dx``). On the small benchmark teacher's G step (CPU): see README."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        out = frozen_ops.linear(x, weight, bias)
+        h = paddle.matmul(x, lora_a)
+        out.add_(paddle.matmul(h, lora_b).scale_(scale))
+        ctx.save_for_backward(x, h, weight, lora_a, lora_b)
+        ctx.scale, ctx.has_bias, ctx.input_needs_grad = scale, bias is not None, not x.stop_gradient
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, h, weight, lora_a, lora_b = ctx.saved_tensor()
+        rank, width = lora_b.shape
+        grad = grad_output * ctx.scale  # the scale's backward
+        grad_b = paddle.matmul(h.reshape([-1, rank]), grad.reshape([-1, width]), transpose_x=True)
+        grad_h = paddle.matmul(grad, lora_b, transpose_y=True)
+        grad_a = paddle.matmul(x.reshape([-1, lora_a.shape[0]]), grad_h.reshape([-1, rank]), transpose_x=True)
+        grad_x = None
+        if ctx.input_needs_grad:
+            grad_x = paddle.matmul(grad_output, weight, transpose_y=True) + paddle.matmul(grad_h, lora_a,
+                                                                                           transpose_y=True)
+        return (grad_x, None, None, grad_a, grad_b) if ctx.has_bias else (grad_x, None, grad_a, grad_b)
+
+
+FUSE_LORA_WITH_GRAD = True  # False: LoRA layers with gradients run layer by layer (bit-identity tests of the savings)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale: float):
+    """:class:`LoraLinear` where it applies: switched on, ``frozen_linear`` installed with the shared LoRA input (the
+    trainer's savings; off, the layers' own ops run, as the memory measurements switch them), grad on, CPU, a frozen
+    base layer and a trainable adapter. ``None`` elsewhere."""
+    if (not FUSE_LORA_WITH_GRAD or not SHARE_LORA_INPUT or paddle.nn.Linear.forward is not linear_forward
+            or not paddle.is_grad_enabled()
+            or not x.place.is_cpu_place() or not _is_frozen(weight) or not _is_frozen(bias)
+            or lora_a.stop_gradient or lora_b.stop_gradient):
+        return None
+    return LoraLinear.apply(x, weight, bias, lora_a, lora_b, scale)
+
+
 _last_copy = [lambda: None, lambda: None]  # weak references: the last input cast by _in_dtype, and its copy
 
 

@@ -337,13 +337,13 @@ def lora_linear_forward(self, x, *args, **kwargs):
     """``ppdiffusers.peft`` LoRA ``Linear.forward`` with PyTorch PEFT's dtype rule: the LoRA branch runs in
     the adapter weights' dtype and the sum is returned in the base layer's result dtype. The down-projection
     keeps its input once, in the matmul's dtype (``frozen_linear.lora_down``). Without gradients, in float32, the
-    same ops run without the sublayers' calls (:func:`_lora_linear_without_grad`)."""
+    same ops run without the sublayers' calls, with gradients on CPU as one node (:func:`_lora_linear_fused`)."""
     from frozen_linear import lora_down
 
     if self.disable_adapters and self.merged:
         self.unmerge()
-    if not paddle.is_grad_enabled() and not self.disable_adapters and not self.merged and not args and not kwargs:
-        fused = _lora_linear_without_grad(self, x)
+    if not self.disable_adapters and not self.merged and not args and not kwargs:
+        fused = _lora_linear_fused(self, x)
         if fused is not None:
             return fused
     result = self.base_layer(x, *args, **kwargs)
@@ -361,11 +361,12 @@ def lora_linear_forward(self, x, *args, **kwargs):
     return result
 
 
-def _lora_linear_without_grad(layer, x):
-    """A no-grad pass of a float32 LoRA ``Linear`` (one active adapter, no dropout, no LoRA bias) as the same ops
-    without the layers' calls and with the scale and the sum in place: ``x @ W + b``, then ``+= (x @ A) @ B * s``
-    (the same bits; on CPU that is most of a LoRA layer's cost in the small teacher's target pass). ``None`` where
-    it does not apply."""
+def _lora_linear_fused(layer, x):
+    """A float32 LoRA ``Linear`` (one active adapter, no dropout, no LoRA bias) as its ops without the layers' calls.
+    Without gradients, with the scale and the sum in place: ``x @ W + b``, then ``+= (x @ A) @ B * s`` (the same
+    bits; on CPU that is most of a LoRA layer's cost in the small teacher's target pass). With gradients, on CPU,
+    as one graph node (``frozen_linear.lora_linear``). ``None`` where it does not apply."""
+    import frozen_linear
     import frozen_ops
 
     base = layer.base_layer
@@ -379,6 +380,9 @@ def _lora_linear_without_grad(layer, x):
             or lora_B.bias is not None
             or not x.dtype == base.weight.dtype == lora_A.weight.dtype == lora_B.weight.dtype == paddle.float32):
         return None
+    if paddle.is_grad_enabled():
+        return frozen_linear.lora_linear(x, base.weight, base.bias, lora_A.weight, lora_B.weight,
+                                         layer.scaling[adapter])
     result = frozen_ops.linear(x, base.weight, base.bias)
     branch = paddle.matmul(paddle.matmul(x, lora_A.weight), lora_B.weight)
     return result.add_(branch.scale_(layer.scaling[adapter]))

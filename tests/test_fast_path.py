@@ -137,7 +137,7 @@ def _count_frozen_factor_calls(patch):
 
 def test_no_grad_lora_layers_run_fused_with_the_same_bits(tiny_sd3, monkeypatch):
     """A no-grad pass of the student (the target and the D step's student) runs each LoRA Linear as its ops without
-    the layers' calls (paddle_compat._lora_linear_without_grad): the same output, bit for bit, as layer by layer."""
+    the layers' calls (paddle_compat._lora_linear_fused): the same output, bit for bit, as layer by layer."""
     from conftest import add_random_lora, load_frozen_transformer
 
     frozen_linear.install()
@@ -148,15 +148,48 @@ def test_no_grad_lora_layers_run_fused_with_the_same_bits(tiny_sd3, monkeypatch)
                   encoder_hidden_states=paddle.randn([2, 154, config.joint_attention_dim]),
                   pooled_projections=paddle.randn([2, config.pooled_projection_dim]))
     fused_calls = []
-    fused = paddle_compat._lora_linear_without_grad
-    monkeypatch.setattr(paddle_compat, "_lora_linear_without_grad",
+    fused = paddle_compat._lora_linear_fused
+    monkeypatch.setattr(paddle_compat, "_lora_linear_fused",
                         lambda layer, x: fused_calls.append(1) or fused(layer, x))
     with paddle.no_grad():
         fast = student(**inputs).sample.numpy()
         assert len(fused_calls) == len(_peft_lora_linears(student))
-        monkeypatch.setattr(paddle_compat, "_lora_linear_without_grad", lambda layer, x: None)
+        monkeypatch.setattr(paddle_compat, "_lora_linear_fused", lambda layer, x: None)
         plain = student(**inputs).sample.numpy()
     np.testing.assert_array_equal(fast, plain)
+
+
+def test_fused_lora_layers_with_gradients_keep_the_same_and_match_layer_by_layer(tiny_sd3, monkeypatch):
+    """The student's G-step forward on CPU runs every LoRA Linear as one node (frozen_linear.LoraLinear): the same
+    output bit for bit, the same bytes kept for backward, and the LoRA gradients layer by layer's within fp32
+    roundoff (the input's two gradient terms are summed in the node, not among the input's other consumers)."""
+    from conftest import add_random_lora, load_frozen_transformer
+
+    frozen_linear.install()
+    student = add_random_lora(load_frozen_transformer(tiny_sd3), rank=4, seed=5)
+    config = student.config
+    paddle.seed(6)
+    inputs = dict(hidden_states=paddle.randn([2, 16, 16, 16]), timestep=paddle.full([2], 300.0),
+                  encoder_hidden_states=paddle.randn([2, 154, config.joint_attention_dim]),
+                  pooled_projections=paddle.randn([2, config.pooled_projection_dim]))
+    lora = [p for p in student.parameters() if not p.stop_gradient]
+    calls = []
+    apply = frozen_linear.LoraLinear.apply
+    monkeypatch.setattr(frozen_linear.LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(frozen_linear, "FUSE_LORA_WITH_GRAD", fused)
+        student.clear_gradients()
+        kept = _kept(lambda: student(**inputs).sample)
+        out = student(**inputs).sample
+        (out * out).mean().backward()
+        results[fused] = kept, out.numpy(), [p.grad.numpy() for p in lora]
+    assert len(calls) == 2 * len(_peft_lora_linears(student))
+    assert results[True][0] == results[False][0]
+    np.testing.assert_array_equal(results[True][1], results[False][1])
+    for fast, plain in zip(results[True][2], results[False][2]):
+        np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-6 * np.abs(plain).max())
+    assert any(not np.array_equal(a, b) for a, b in zip(results[True][2], results[False][2]))
 
 
 def _peft_lora_linears(model) -> list:
@@ -275,8 +308,11 @@ def test_lora_input_copy_is_made_once_per_tensor():
 
 def _switch(patch, frozen, head_recompute, share_lora_input, frozen_factor):
     """Turn the savings on or off for this test (the trainer has all on). frozen_linear.install() installs
-    frozen_linear and frozen_ops: with frozen_linear off, install does nothing."""
+    frozen_linear and frozen_ops: with frozen_linear off, install does nothing. The fused LoRA node (a speed path
+    that sums the layer input's gradient terms in another order) is off in both arms: its own test compares it."""
     from discriminator import Discriminator
+
+    patch.setattr(frozen_linear, "FUSE_LORA_WITH_GRAD", False)
 
     patch.setattr(paddle.nn.Linear, "forward", frozen_linear.linear_forward if frozen else frozen_linear._UPSTREAM_FORWARD)
     if not frozen:
