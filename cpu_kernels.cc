@@ -611,6 +611,78 @@ PD_BUILD_OP(pcm_add_bias_)
     .SetInplaceMap({{"X", "Out"}})
     .SetKernelFn(PD_KERNEL(AddBiasInplace));
 
+// x * factor for x [outer, n, inner] and factor [outer, 1, inner] (the SD3 blocks' AdaLN scales and gates against
+// [batch, tokens, width]) without the factor expanded first, and its gradients: dx = dy * factor, and dfactor = the sum
+// over n of dy * x, added in order of n as Paddle's sum over that axis does. Single IEEE operations: Paddle's bits.
+struct FactorShape {
+  int64_t outer, n, inner;
+};
+
+FactorShape factor_shape(const paddle::Tensor& x, const paddle::Tensor& factor) {
+  check(x, "X");
+  check(factor, "Factor");
+  const auto &xs = x.shape(), &fs = factor.shape();
+  PD_CHECK(xs.size() == 3 && fs.size() == 3 && fs[0] == xs[0] && fs[1] == 1 && fs[2] == xs[2],
+           "cpu_kernels: factor_multiply takes X [outer, n, inner] and Factor [outer, 1, inner]");
+  return {xs[0], xs[1], xs[2]};
+}
+
+void multiply_by_factor(const float* x, const float* factor, float* out, const FactorShape& s, int64_t threads) {
+  parallel_rows(s.outer * s.n, s.inner, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      elementwise(x + row * s.inner, factor + row / s.n * s.inner, out + row * s.inner, 0, s.inner,
+                  [](vfloat a, vfloat f) { return a * f; });
+    }
+  });
+}
+
+std::vector<paddle::Tensor> FactorMultiplyForward(const paddle::Tensor& x, const paddle::Tensor& factor,
+                                                  int64_t threads) {
+  const FactorShape s = factor_shape(x, factor);
+  auto out = paddle::empty_like(x);
+  multiply_by_factor(x.data<float>(), factor.data<float>(), out.data<float>(), s, threads);
+  return {out};
+}
+
+std::vector<paddle::Tensor> FactorMultiplyBackward(const paddle::Tensor& x, const paddle::Tensor& factor,
+                                                   const paddle::Tensor& grad_out, int64_t threads) {
+  const FactorShape s = factor_shape(x, factor);
+  check(grad_out, "Out@GRAD");
+  auto dx = paddle::empty_like(x), dfactor = paddle::empty_like(factor);
+  const float *xp = x.data<float>(), *dyp = grad_out.data<float>();
+  multiply_by_factor(dyp, factor.data<float>(), dx.data<float>(), s, threads);
+  float* dfp = dfactor.data<float>();
+  const int64_t chunks = (s.inner + kLanes - 1) / kLanes;  // 16 columns of one outer index per task
+  parallel_rows(s.outer * chunks, s.n * kLanes, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t o = task / chunks, c = task % chunks * kLanes, width = std::min<int64_t>(kLanes, s.inner - c);
+      const float *xr = xp + o * s.n * s.inner + c, *dyr = dyp + o * s.n * s.inner + c;
+      vfloat sum = splat(0.0f);
+      for (int64_t r = 0; r < s.n; ++r, xr += s.inner, dyr += s.inner) {
+        sum += width == kLanes ? load(dyr) * load(xr) : load_tail(dyr, width) * load_tail(xr, width);
+      }
+      if (width == kLanes) {
+        store(dfp + o * s.inner + c, sum);
+      } else {
+        store_tail(dfp + o * s.inner + c, sum, width);
+      }
+    }
+  });
+  return {dx, dfactor};
+}
+
+PD_BUILD_OP(pcm_factor_multiply)
+    .Inputs({"X", "Factor"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(FactorMultiplyForward));
+
+PD_BUILD_GRAD_OP(pcm_factor_multiply)
+    .Inputs({"X", "Factor", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Factor")})
+    .Attrs({"threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(FactorMultiplyBackward));
+
 #ifdef PCM_WITH_MKL
 AttentionShape attention_shape(const paddle::Tensor& q, const paddle::Tensor& k, const paddle::Tensor& v) {
   check(q, "Q");

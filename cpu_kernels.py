@@ -200,6 +200,18 @@ def add_bias(out: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     return out + bias.expand(shape)
 
 
+
+def factor_multiply_runs(x: paddle.Tensor, factor: paddle.Tensor) -> bool:
+    """Whether :func:`factor_multiply` takes ``x * factor``: CPU float32, ``x`` ``[B, N, D]``, ``factor`` ``[B, 1, D]``."""
+    return (_runs_here(x) and factor.dtype == paddle.float32 and len(x.shape) == 3
+            and list(factor.shape) == [x.shape[0], 1, x.shape[2]])
+
+
+def factor_multiply(x: paddle.Tensor, factor: paddle.Tensor) -> paddle.Tensor:
+    """``x * factor`` broadcast along axis 1 (see :func:`factor_multiply_runs`) without expanding ``factor``: Paddle's
+    products; backward keeps ``x`` and ``factor`` as Paddle's multiply does and gives its gradients bit for bit."""
+    return kernels().pcm_factor_multiply(_contiguous(x), _contiguous(factor), threads())
+
 def conv2d(x: paddle.Tensor, weight: paddle.Tensor, bias, stride, padding) -> paddle.Tensor:
     """``conv2d(x, weight) + bias`` (NCHW, groups 1, dilation 1, zero ``padding`` as ``(top, bottom, left,
     right)``) by the compiled direct convolution, for CPU float32 tensors no gradient flows through (see

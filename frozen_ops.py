@@ -69,14 +69,23 @@ def _expanded(small, big):
     return small
 
 
+def _product(x, factor, factor_first=False):
+    """``x * factor`` (``factor * x``: the same products) where no graph records it, through
+    ``cpu_kernels.factor_multiply`` for a ``[B, 1, D]`` factor against ``[B, N, D]`` on CPU (no expanded copy), else
+    with the factor expanded where that is faster."""
+    if cpu_kernels.factor_multiply_runs(x, factor):
+        return cpu_kernels.factor_multiply(x, factor)
+    wide = _expanded(factor, x)
+    return wide * x if factor_first else x * wide
+
+
 class FrozenFactorMultiply(PyLayer):
     """``x * factor`` (``factor * x`` with ``factor_first``) with a gradient for ``x`` only, saving the small
     ``factor`` (in the product's dtype, as Paddle's multiply keeps it) instead of ``x``."""
 
     @staticmethod
     def forward(ctx, x, factor, factor_first=False):
-        wide = _expanded(factor, x)
-        out = wide * x if factor_first else x * wide
+        out = _product(x, factor, factor_first)
         ctx.save_for_backward(factor if factor.dtype == out.dtype else factor.astype(out.dtype))
         ctx.input_dtype = x.dtype
         return out
@@ -85,7 +94,7 @@ class FrozenFactorMultiply(PyLayer):
     def backward(ctx, grad_output):
         (factor,) = ctx.saved_tensor()
         # Paddle's multiply_grad: dx = dout * y, for an x of the output's shape
-        grad_input = grad_output * _expanded(factor, grad_output)
+        grad_input = _product(grad_output, factor)
         return grad_input if grad_input.dtype == ctx.input_dtype else grad_input.astype(ctx.input_dtype)
 
 
@@ -130,16 +139,29 @@ def _plain(op, a, b):
     return op(a, b)
 
 
+def _trainable_product(x, factor, factor_first):
+    """:class:`FactorMultiply`, or for ``[B, 1, D]`` against ``[B, N, D]`` ``cpu_kernels.factor_multiply`` (its graph
+    node keeps what Paddle's multiply keeps, and backward gives its gradients: the same bits)."""
+    if cpu_kernels.factor_multiply_runs(x, factor):
+        return cpu_kernels.factor_multiply(x, factor)
+    return FactorMultiply.apply(x, factor, factor_first)
+
+
 def multiply(a, b):
     """``a * b``; through :class:`FrozenFactorMultiply` when enabled, grad is on, exactly one input needs a
     gradient and the frozen one broadcasts against it (the other's shape is the product's); through
-    :class:`FactorMultiply` when both need one and one broadcasts along one axis (on CPU)."""
-    if not ENABLED or not paddle.is_grad_enabled():
+    :class:`FactorMultiply` (or its compiled kernel) when both need one and one broadcasts along one axis (on CPU);
+    without gradients, a ``[B, 1, D]`` factor against ``[B, N, D]`` through the kernel (no expanded copy)."""
+    if not ENABLED or not paddle.is_grad_enabled() or (a.stop_gradient and b.stop_gradient):
+        if ENABLED and cpu_kernels.factor_multiply_runs(a, b):
+            return cpu_kernels.factor_multiply(a, b)
+        if ENABLED and cpu_kernels.factor_multiply_runs(b, a):
+            return cpu_kernels.factor_multiply(b, a)
         return _plain(paddle.multiply, a, b)
     if _trainable_factor(b, a):
-        return FactorMultiply.apply(a, b, False)
+        return _trainable_product(a, b, False)
     if _trainable_factor(a, b):
-        return FactorMultiply.apply(b, a, True)
+        return _trainable_product(b, a, True)
     if a.stop_gradient == b.stop_gradient:
         return _plain(paddle.multiply, a, b)
     if b.stop_gradient and _broadcasts_to(b, a.shape):

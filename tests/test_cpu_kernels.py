@@ -313,6 +313,29 @@ def test_t5_gelu_cubes_exactly(kernels):
     assert not np.array_equal(paddle.pow(t, 3.0).numpy(), cubes.numpy())  # what the multiply is for
 
 
+@pytest.mark.parametrize("shape", [(2, 410, 256), (3, 7, 20), (1, 1, 5), (2, 154, 1536)])
+def test_factor_multiply_gives_paddles_products_and_gradients(kernels, shape):
+    """x [B, N, D] * factor [B, 1, D] and both gradients: Paddle's multiply (broadcast) bit for bit, for any thread
+    count; the factor's gradient is the sum over N in order, as Paddle sums that axis."""
+    rng = np.random.default_rng(sum(shape))
+    x_np, factor_np = rng.standard_normal(shape).astype("float32"), rng.standard_normal((shape[0], 1, shape[2]))
+    grad_np = rng.standard_normal(shape).astype("float32")
+
+    def run(fn):
+        x, factor = paddle.to_tensor(x_np, stop_gradient=False), paddle.to_tensor(factor_np.astype("float32"),
+                                                                                  stop_gradient=False)
+        out = fn(x, factor)
+        grads = paddle.grad(out, [x, factor], paddle.to_tensor(grad_np))
+        return [t.numpy() for t in (out, *grads)]
+
+    expected = run(paddle.multiply)
+    for threads in (1, 2, 3):
+        for got, want in zip(run(lambda x, f: kernels.pcm_factor_multiply(x, f, threads)), expected):
+            np.testing.assert_array_equal(got, want)
+    assert cpu_kernels.factor_multiply_runs(paddle.to_tensor(x_np), paddle.to_tensor(factor_np.astype("float32")))
+    assert not cpu_kernels.factor_multiply_runs(paddle.to_tensor(x_np), paddle.to_tensor(x_np[:, :, :1]))
+
+
 def test_softmax_of_masked_scores_has_no_subnormal_probabilities(kernels):
     """Probabilities below the smallest normal float are 0 (a causal mask's -inf entries, far-off scores): MKL's
     matmul of the probabilities would otherwise run many times slower."""
