@@ -341,3 +341,31 @@ def test_gradient_checkpointing_gives_same_features_and_gradients(tiny_sd3):
     for a, b in zip(plain[3], checkpointed[3]):
         assert_close(b, a, rtol=0, atol=1e-6)
     assert all(p.grad is None for p in backbone.parameters())
+
+
+def test_heads_recompute_on_accelerators_only_unless_chosen(teacher, monkeypatch):
+    """By default the heads run plain on CPU (the recomputation would only cost time) and as RecomputedHead on an
+    accelerator; recompute_heads True or False chooses. The d_loss and its head gradients are the same bits."""
+    import discriminator
+
+    calls = []
+    apply = discriminator.RecomputedHead.apply
+    monkeypatch.setattr(discriminator.RecomputedHead, "apply", lambda *a: calls.append(1) or apply(*a))
+    disc = make_disc(teacher)
+    fake, t, embeds, pooled = make_inputs(teacher.config, 2, 8, 8, seed=9)
+    real = make_inputs(teacher.config, 2, 8, 8, seed=10)[0]
+    results = {}
+    for choice in (None, True, False):
+        monkeypatch.setattr(Discriminator, "recompute_heads", choice)
+        disc.clear_gradients()
+        loss = disc("d_loss", fake, real, t, embeds, pooled)
+        loss.backward()
+        results[choice] = [float(loss)] + [p.grad.numpy() for p in disc.parameters()]
+        used = len(calls)
+        calls.clear()
+        expected = disc.num_heads if (choice or (choice is None and not paddle.get_device().startswith("cpu"))) else 0
+        assert used == expected, (choice, used)
+    for other in (True, False):
+        assert results[other][0] == results[None][0]
+        for a, b in zip(results[other][1:], results[None][1:]):
+            np.testing.assert_array_equal(np.atleast_1d(a), np.atleast_1d(b))
