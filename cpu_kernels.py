@@ -189,6 +189,21 @@ def attention_with_bias(query: paddle.Tensor, key: paddle.Tensor, value: paddle.
     return kernels().pcm_attention_with_bias(q, k, v, b, float(scale), threads())
 
 
+
+def linear_runs(x: paddle.Tensor, weight: paddle.Tensor, *others) -> bool:
+    """Whether :func:`linear` takes ``x @ weight`` with ``others`` (bias, LoRA A and B; ``None`` entries ignored):
+    CPU float32 where the kernels have MKL, a 2-D weight, and no gradient to compute."""
+    return (_runs_here(x) and has_fused_attention() and len(weight.shape) == 2
+            and all(t is None or t.dtype == paddle.float32 for t in (weight, *others))
+            and (not paddle.is_grad_enabled() or all(t is None or t.stop_gradient for t in (x, weight, *others))))
+
+
+def linear(x: paddle.Tensor, weight: paddle.Tensor, bias=None, lora_a=None, lora_b=None,
+           scale: float = 1.0) -> paddle.Tensor:
+    """``x @ weight + bias``, plus ``((x @ lora_a) @ lora_b) * scale`` for a LoRA layer, as one op without gradients
+    (see :func:`linear_runs`): Paddle's matmul, add and scale bit for bit, without their separate calls."""
+    return kernels().pcm_linear(_contiguous(x), weight, bias, lora_a, lora_b, float(scale), threads())
+
 def add_bias(out: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     """``out + bias`` over the last axis, for an ``out`` that no graph records (a no-grad matmul's result): added in
     place by the compiled kernel for CPU float32 tensors of at least 32k elements (below, the call costs more than

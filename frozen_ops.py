@@ -179,6 +179,8 @@ def add(a, b):
 def linear(x, weight, bias=None):
     """``F.linear(x, weight, bias)``; without a bias its matmul (``F.linear``'s own op, without its ~10 us flag lookup
     per call), on CPU a frozen bias added in place or expanded (the same matmul and sums)."""
+    if cpu_kernels.linear_runs(x, weight, bias):  # no gradients, CPU: one op
+        return cpu_kernels.linear(x, weight, bias)
     if bias is None:
         return paddle.matmul(x, weight)
     if not bias.stop_gradient or not x.place.is_cpu_place():

@@ -383,9 +383,12 @@ def _lora_linear_fused(layer, x):
     if paddle.is_grad_enabled():
         return frozen_linear.lora_linear(x, base.weight, base.bias, lora_A.weight, lora_B.weight,
                                          layer.scaling[adapter])
+    scale = layer.scaling[adapter]
+    if cpu_kernels.linear_runs(x, base.weight, base.bias, lora_A.weight, lora_B.weight):
+        return cpu_kernels.linear(x, base.weight, base.bias, lora_A.weight, lora_B.weight, scale)
     result = frozen_ops.linear(x, base.weight, base.bias)
     branch = paddle.matmul(paddle.matmul(x, lora_A.weight), lora_B.weight)
-    return result.add_(branch.scale_(layer.scaling[adapter]))
+    return result.add_(branch.scale_(scale))
 
 
 def _patch_lora_linear_dtype() -> bool:

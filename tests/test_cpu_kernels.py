@@ -336,6 +336,27 @@ def test_factor_multiply_gives_paddles_products_and_gradients(kernels, shape):
     assert not cpu_kernels.factor_multiply_runs(paddle.to_tensor(x_np), paddle.to_tensor(x_np[:, :, :1]))
 
 
+@pytest.mark.parametrize("case", [((2, 410, 256), 256, 256), ((2, 256, 256), 256, 1024), ((2, 32), 32, 192),
+                                  ((3, 5, 7), 7, 9)])
+def test_no_grad_linear_gives_paddles_bits(kernels, case):
+    """cpu_kernels.linear: x @ W, + b, and a LoRA layer's + ((x @ A) @ B) * s as Paddle's matmul, add and scale ops
+    compute them, bit for bit; it runs only where no gradient is needed."""
+    if not cpu_kernels.has_fused_attention():
+        pytest.skip("Paddle ships no MKL here: no compiled linear")
+    shape, k, n = case
+    rng = np.random.default_rng(k + n)
+    x, w, b, a = (paddle.to_tensor(rng.standard_normal(s).astype("float32")) for s in (shape, (k, n), (n,), (k, 4)))
+    lora_b = paddle.to_tensor(rng.standard_normal((4, n)).astype("float32") * 0.05)
+    with paddle.no_grad():
+        assert cpu_kernels.linear_runs(x, w, b, a, lora_b)
+        np.testing.assert_array_equal(cpu_kernels.linear(x, w).numpy(), paddle.matmul(x, w).numpy())
+        np.testing.assert_array_equal(cpu_kernels.linear(x, w, b).numpy(), (paddle.matmul(x, w) + b).numpy())
+        lora = (paddle.matmul(x, w) + b).add_(paddle.matmul(paddle.matmul(x, a), lora_b).scale_(2.0))
+        np.testing.assert_array_equal(cpu_kernels.linear(x, w, b, a, lora_b, 2.0).numpy(), lora.numpy())
+    w.stop_gradient = False
+    assert not cpu_kernels.linear_runs(x, w, b) and cpu_kernels.linear_runs(x, w.detach(), b)
+
+
 def test_softmax_of_masked_scores_has_no_subnormal_probabilities(kernels):
     """Probabilities below the smallest normal float are 0 (a causal mask's -inf entries, far-off scores): MKL's
     matmul of the probabilities would otherwise run many times slower."""
