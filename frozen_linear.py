@@ -77,9 +77,10 @@ class LoraLinear(PyLayer):
     """A float32 LoRA ``Linear`` with a frozen base layer, ``x @ W + b + (x @ A) @ B * scale``, as one node: the ops
     of ``FrozenWeightLinear``, :class:`LoraDown`, ``lora_B``'s matmul, the scale, and the sum (the same forward bits),
     keeping what they keep (``x`` and ``h = x @ A``; ``W``, ``A``, ``B`` are parameters) without their six graph
-    nodes and the branch's same-dtype copy (``Tensor.cast``). Backward runs the ops those nodes' backwards run and
-    adds the input's two gradient terms here, where the engine added them among the input's other consumers'
-    (last-bit differences in ``dx``). On the small benchmark teacher's G step (CPU): see README."""
+    nodes and the branch's same-dtype copy (``Tensor.cast``). Backward runs the ops those nodes' backwards run, but
+    adds the input's two gradient terms here, where the engine added them among the input's other consumers, and
+    computes ``dA`` transposed (last-bit differences in ``dx`` and ``dA``). On the small benchmark teacher's G step
+    (CPU): see README."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
@@ -97,7 +98,8 @@ class LoraLinear(PyLayer):
         grad = grad_output * ctx.scale  # the scale's backward
         grad_b = paddle.matmul(h.reshape([-1, rank]), grad.reshape([-1, width]), transpose_x=True)
         grad_h = paddle.matmul(grad, lora_b, transpose_y=True)
-        grad_a = paddle.matmul(x.reshape([-1, lora_a.shape[0]]), grad_h.reshape([-1, rank]), transpose_x=True)
+        # dA = x^T dh as (dh^T x)^T: MKL's [r, rows] x [rows, K] product is 2-3x faster than one with r outputs
+        grad_a = paddle.matmul(grad_h.reshape([-1, rank]), x.reshape([-1, lora_a.shape[0]]), transpose_x=True).T
         grad_x = None
         if ctx.input_needs_grad:
             grad_x = paddle.matmul(grad_output, weight, transpose_y=True) + paddle.matmul(grad_h, lora_a,
