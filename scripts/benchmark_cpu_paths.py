@@ -18,11 +18,21 @@ The fast paths (all on in every entry point; each is switched off alone, the oth
 - ``linear_bias``: ``frozen_ops.linear`` (a frozen bias added in place, or expanded where a graph records the
   product) instead of ``F.linear``;
 - ``trainable_factor``: the student's AdaLN products on the expanded factor (``frozen_ops.FactorMultiply``)
-  instead of Paddle's broadcast multiply and add.
+  instead of Paddle's broadcast multiply and add;
+- ``factor_kernel``: ``cpu_kernels.factor_multiply`` for the blocks' ``[B, 1, D]`` AdaLN factors (trainable,
+  frozen and no-grad) instead of expanding them first;
+- ``no_grad_linear``: ``cpu_kernels.linear`` (a no-grad Linear or LoRA Linear as one op) instead of its ops;
+- ``fused_lora_with_grad``: ``frozen_linear.LoraLinear`` (a LoRA Linear with gradients as one graph node) instead
+  of the layers' own ops;
+- ``plain_heads``: the discriminator heads without recomputation in backward (the CPU default) instead of
+  ``discriminator.RecomputedHead``;
+- ``text_attention``: the text encoders' attention through ``cpu_kernels.attention_with_bias`` instead of
+  ppdiffusers' CLIP and T5 attention.
 
-Workloads (fp32, no autocast): ``vae_encode`` (the VAE encoder, batch 2), ``teacher_cfg`` (the transformer
-forward without gradients, batch 4: the teacher's cond + uncond pass) and ``g_step`` (a rank-4 LoRA student's
-forward, the discriminator's ``g_loss`` through the frozen teacher and backward: the G step's graph). Each pair
+Workloads (fp32, no autocast): ``text_encode`` (the three text encoders on two captions), ``vae_encode`` (the VAE
+encoder, batch 2), ``teacher_cfg`` (the transformer forward without gradients, batch 4: the teacher's cond +
+uncond pass) and ``g_step`` (a rank-4 LoRA student's forward, the discriminator's ``g_loss`` through the frozen
+teacher and backward: the G step's graph). Each pair
 alternates on/off ``--reps`` times (2 calls each, after one untimed call); medians. ``equal`` says whether the
 outputs (and, for ``g_step``, the loss and LoRA gradients) are the same bits; otherwise the largest difference.
 A path that a workload does not touch shows about 1.0x. The last line is one JSON object.
@@ -79,6 +89,16 @@ def switched_off(path: str):
     elif path == "trainable_factor":
         set_attr(frozen_ops, "_trainable_factor", lambda small, big: False)
         set_attr(frozen_ops, "_over_one_axis", lambda small, big: False)
+    elif path == "factor_kernel":
+        set_attr(cpu_kernels, "factor_multiply_runs", lambda x, factor: False)
+    elif path == "no_grad_linear":
+        set_attr(cpu_kernels, "linear_runs", lambda x, weight, *others: False)
+    elif path == "fused_lora_with_grad":
+        set_attr(frozen_linear, "FUSE_LORA_WITH_GRAD", False)
+    elif path == "plain_heads":
+        set_attr(Discriminator, "recompute_heads", True)
+    elif path == "text_attention":
+        set_attr(paddle_compat, "_fused_text_attention", lambda *args: None)
     else:
         raise ValueError(f"unknown fast path {path!r}")
     try:
@@ -88,7 +108,8 @@ def switched_off(path: str):
             setattr(owner, name, value)
 
 
-PATHS = ["cpu_kernels", "fused_attention", "direct_conv", "conv_bias_and_pad", "linear_bias", "trainable_factor"]
+PATHS = ["cpu_kernels", "fused_attention", "direct_conv", "conv_bias_and_pad", "linear_bias", "trainable_factor",
+         "factor_kernel", "no_grad_linear", "fused_lora_with_grad", "plain_heads", "text_attention"]
 
 
 def frozen_transformer(path):
@@ -104,6 +125,14 @@ def workloads(teacher_dir: str, resolution: int) -> dict:
     """name -> a function running it once and returning the arrays to compare."""
     from ppdiffusers import AutoencoderKL
 
+    from sd3_text_encoding import SD3PromptEncoder, load_tokenizers_and_text_encoders
+
+    tokenizers, text_encoders = load_tokenizers_and_text_encoders(teacher_dir)
+    for encoder in text_encoders:
+        encoder.eval()
+        for param in encoder.parameters():
+            param.stop_gradient = True
+    prompt_encoder = SD3PromptEncoder(tokenizers, text_encoders)
     vae = AutoencoderKL.from_pretrained(teacher_dir, subfolder="vae")
     vae.eval()
     teacher, student = frozen_transformer(teacher_dir), frozen_transformer(teacher_dir)
@@ -122,6 +151,9 @@ def workloads(teacher_dir: str, resolution: int) -> dict:
     embeds = paddle.randn([4, 154, config.joint_attention_dim])
     pooled = paddle.randn([4, config.pooled_projection_dim])
 
+    def text_encode():
+        return [t.numpy() for t in prompt_encoder.encode(["a red cube on a wooden table", "two dogs in the snow"])]
+
     def vae_encode():
         with paddle.no_grad():
             return [vae.encode(pixels).latent_dist.mean.numpy()]
@@ -139,7 +171,7 @@ def workloads(teacher_dir: str, resolution: int) -> dict:
         loss.backward()
         return [loss.numpy()] + [p.grad.numpy() for p in lora]
 
-    return {"vae_encode": vae_encode, "teacher_cfg": teacher_cfg, "g_step": g_step}
+    return {"text_encode": text_encode, "vae_encode": vae_encode, "teacher_cfg": teacher_cfg, "g_step": g_step}
 
 
 def compare(run, path: str, reps: int) -> dict:

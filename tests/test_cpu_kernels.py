@@ -519,16 +519,23 @@ def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
 
 
 def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
-    """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding and AdaLN-factor paths off
-    changes no bit of the VAE latents, the teacher's CFG output, the G step's loss and LoRA gradients; the compiled
-    kernels change them only at fp32 roundoff."""
+    """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, no-grad linear
+    and plain-head paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's CFG output, the
+    G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients and the text
+    encoders' fused attention change them only at fp32 roundoff."""
     from benchmark_cpu_paths import main
 
     results = main(["--teacher", tiny_sd3, "--resolution", "64", "--reps", "1"])["results"]
-    for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor"):
+    for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor", "factor_kernel", "no_grad_linear",
+                 "plain_heads"):
         for workload, result in results[path].items():
             assert result["equal"], (path, workload, result["max_difference"])
     for path in ("cpu_kernels", "fused_attention"):
         for workload in ("teacher_cfg", "g_step"):
             compiled = results[path][workload]
             assert not compiled["equal"] and 0 < compiled["max_difference"] < 1e-4, (path, workload, compiled)
+    fused = results["fused_lora_with_grad"]  # the same forward; the input's gradient terms summed in the node
+    assert all(fused[workload]["equal"] for workload in ("text_encode", "vae_encode", "teacher_cfg"))
+    assert not fused["g_step"]["equal"] and fused["g_step"]["max_difference"] < 1e-5, fused["g_step"]
+    for workload, result in results["text_attention"].items():  # the same products and softmax code here
+        assert result["max_difference"] < 1e-5, (workload, result)
