@@ -39,6 +39,7 @@ the broadcast add (none does in this trainer; there expanding would be slower in
 """
 from __future__ import annotations
 
+import math
 import os
 
 import paddle_compat  # noqa: F401  (before ppdiffusers)
@@ -179,7 +180,8 @@ def add(a, b):
 def linear(x, weight, bias=None):
     """``F.linear(x, weight, bias)``; without a bias its matmul (``F.linear``'s own op, without its ~10 us flag lookup
     per call), on CPU a frozen bias added in place or expanded (the same matmul and sums)."""
-    if cpu_kernels.linear_runs(x, weight, bias):  # no gradients, CPU: one op
+    if (math.prod(x.shape[:-1]) * weight.shape[-1] >= cpu_kernels.MIN_BIAS_KERNEL_ELEMENTS
+            and cpu_kernels.linear_runs(x, weight, bias)):  # no gradients, CPU: one op (below, Paddle's are faster)
         return cpu_kernels.linear(x, weight, bias)
     if bias is None:
         return paddle.matmul(x, weight)
