@@ -47,8 +47,10 @@ measured in ENVIRONMENT.md and six more found while building the trainer:
    (Paddle's memory-efficient attention is missing there); on CPU float32 it runs ``AttnProcessor2_5``'s path,
    i.e. ``cpu_kernels``' fused attention: the same attention at fp32 roundoff.
 
-12. ppdiffusers' CLIP and T5 encoders see ``cpu_kernels.softmax`` as their functional softmax, and T5LayerNorm
-   squares by a multiply (exact, as PyTorch's ``pow(2)``; Paddle's ``pow(2)`` is not and is 40x slower).
+12. Without gradients on CPU, ppdiffusers' CLIP and T5 attention run as ``cpu_kernels.attention_with_bias`` (the
+   fused attention with CLIP's causal mask, built once per shape, or T5's position bias); elsewhere they see
+   ``cpu_kernels.softmax`` as their functional softmax. T5LayerNorm squares and T5's GELU cubes by multiplying
+   (exact, as PyTorch's ``pow(2)`` and ``pow(x, 3)``; Paddle's ``pow`` is not, and 25-40x slower).
 
 13. ``scale_lora_layers``/``unscale_lora_layers`` return at once for weight 1.0, as diffusers' do (ppdiffusers walks
    every sublayer around each transformer forward to leave each scale unchanged).
