@@ -135,18 +135,24 @@ def _count_frozen_factor_calls(patch):
     return calls
 
 
-def test_no_grad_lora_layers_run_fused_with_the_same_bits(tiny_sd3, monkeypatch):
-    """A no-grad pass of the student (the target and the D step's student) runs each LoRA Linear as its ops without
-    the layers' calls (paddle_compat._lora_linear_fused): the same output, bit for bit, as layer by layer."""
+def _lora_student_and_inputs(tiny_sd3, lora_seed: int, input_seed: int, timestep: float):
+    """The tiny teacher with a seeded rank-4 LoRA (frozen_linear installed, as the trainer runs) and seeded inputs."""
     from conftest import add_random_lora, load_frozen_transformer
 
     frozen_linear.install()
-    student = add_random_lora(load_frozen_transformer(tiny_sd3), rank=4, seed=2)
+    student = add_random_lora(load_frozen_transformer(tiny_sd3), rank=4, seed=lora_seed)
     config = student.config
-    paddle.seed(4)
-    inputs = dict(hidden_states=paddle.randn([2, 16, 16, 16]), timestep=paddle.full([2], 600.0),
+    paddle.seed(input_seed)
+    inputs = dict(hidden_states=paddle.randn([2, 16, 16, 16]), timestep=paddle.full([2], timestep),
                   encoder_hidden_states=paddle.randn([2, 154, config.joint_attention_dim]),
                   pooled_projections=paddle.randn([2, config.pooled_projection_dim]))
+    return student, inputs
+
+
+def test_no_grad_lora_layers_run_fused_with_the_same_bits(tiny_sd3, monkeypatch):
+    """A no-grad pass of the student (the target and the D step's student) runs each LoRA Linear as its ops without
+    the layers' calls (paddle_compat._lora_linear_fused): the same output, bit for bit, as layer by layer."""
+    student, inputs = _lora_student_and_inputs(tiny_sd3, lora_seed=2, input_seed=4, timestep=600.0)
     fused_calls = []
     fused = paddle_compat._lora_linear_fused
     monkeypatch.setattr(paddle_compat, "_lora_linear_fused",
@@ -163,15 +169,7 @@ def test_fused_lora_layers_with_gradients_keep_the_same_and_match_layer_by_layer
     """The student's G-step forward on CPU runs every LoRA Linear as one node (frozen_linear.LoraLinear): the same
     output bit for bit, the same bytes kept for backward, and the LoRA gradients layer by layer's within fp32
     roundoff (the input's two gradient terms are summed in the node, not among the input's other consumers)."""
-    from conftest import add_random_lora, load_frozen_transformer
-
-    frozen_linear.install()
-    student = add_random_lora(load_frozen_transformer(tiny_sd3), rank=4, seed=5)
-    config = student.config
-    paddle.seed(6)
-    inputs = dict(hidden_states=paddle.randn([2, 16, 16, 16]), timestep=paddle.full([2], 300.0),
-                  encoder_hidden_states=paddle.randn([2, 154, config.joint_attention_dim]),
-                  pooled_projections=paddle.randn([2, config.pooled_projection_dim]))
+    student, inputs = _lora_student_and_inputs(tiny_sd3, lora_seed=5, input_seed=6, timestep=300.0)
     lora = [p for p in student.parameters() if not p.stop_gradient]
     calls = []
     apply = frozen_linear.LoraLinear.apply
