@@ -749,6 +749,39 @@ std::vector<paddle::Tensor> AttentionWithBias(const paddle::Tensor& q, const pad
   return {out};
 }
 
+// adaLN modulation of a LayerNorm without weight and bias, forward only (no-grad passes): y = LN(x) * (1 + scale[b])
+// + shift[b] for x [B, N, D], scale and shift [B, D]: the LayerNorm kernel's rows, then Paddle's scale (1 + s),
+// multiply and add, one IEEE operation each: the bits of those four ops, as one call.
+std::vector<paddle::Tensor> LayerNormModulate(const paddle::Tensor& x, const paddle::Tensor& scale,
+                                              const paddle::Tensor& shift, float epsilon, int64_t threads) {
+  check(x, "X");
+  check(scale, "Scale");
+  check(shift, "Shift");
+  const auto& xs = x.shape();
+  PD_CHECK(xs.size() == 3 && scale.shape() == std::vector<int64_t>({xs[0], xs[2]}) && shift.shape() == scale.shape(),
+           "cpu_kernels: layer_norm_modulate takes X [B, N, D], Scale and Shift [B, D]");
+  const int64_t tokens = xs[1], n = xs[2], rows = xs[0] * tokens;
+  auto out = paddle::empty_like(x);
+  std::vector<float> mean(rows), rstd(rows);
+  const float *xp = x.data<float>(), *sp = scale.data<float>(), *hp = shift.data<float>();
+  float* op = out.data<float>();
+  parallel_rows(rows, n, threads, [&](int64_t begin, int64_t end) {
+    layer_norm_rows(xp, op, mean.data(), rstd.data(), epsilon, begin, end, n);
+    for (int64_t row = begin; row < end; ++row) {
+      const float *sr = sp + row / tokens * n, *hr = hp + row / tokens * n;
+      float* yr = op + row * n;
+      for (int64_t i = 0; i < n; ++i) yr[i] = yr[i] * (sr[i] * 1.0f + 1.0f) + hr[i];
+    }
+  });
+  return {out};
+}
+
+PD_BUILD_OP(pcm_layer_norm_modulate)
+    .Inputs({"X", "Scale", "Shift"})
+    .Outputs({"Out"})
+    .Attrs({"epsilon: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(LayerNormModulate));
+
 // A no-grad Linear, x @ W (+ b) (+ ((x @ A) @ B) * scale for a LoRA layer), as one op: the products through the
 // sgemm call Paddle's matmul makes for a [..., K] x [K, N] product (rows folded, no transposes), the bias and the
 // scaled LoRA term added as Paddle's add and scale ops add them: Paddle's bits (tested), without five op calls.

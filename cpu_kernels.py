@@ -204,6 +204,22 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias=None, lora_a=None, lora
     (see :func:`linear_runs`): Paddle's matmul, add and scale bit for bit, without their separate calls."""
     return kernels().pcm_linear(_contiguous(x), weight, bias, lora_a, lora_b, float(scale), threads())
 
+
+def layer_norm_modulate_runs(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor) -> bool:
+    """Whether :func:`layer_norm_modulate` takes these: CPU float32 ``x`` ``[B, N, D]``, ``scale`` and ``shift``
+    ``[B, D]``, and no gradient to compute."""
+    return (_runs_here(x) and len(x.shape) == 3 and scale.dtype == shift.dtype == paddle.float32
+            and list(scale.shape) == list(shift.shape) == [x.shape[0], x.shape[2]]
+            and (not paddle.is_grad_enabled() or all(t.stop_gradient for t in (x, scale, shift))))
+
+
+def layer_norm_modulate(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor,
+                        epsilon: float) -> paddle.Tensor:
+    """``layer_norm(x) * (1 + scale[:, None]) + shift[:, None]`` (a LayerNorm without weight and bias over the last
+    axis, then adaLN's modulation) as one op without gradients: :func:`layer_norm`'s and Paddle's ops' bits."""
+    return kernels().pcm_layer_norm_modulate(_contiguous(x), _contiguous(scale), _contiguous(shift), float(epsilon),
+                                             threads())
+
 def add_bias(out: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     """``out + bias`` over the last axis, for an ``out`` that no graph records (a no-grad matmul's result): added in
     place by the compiled kernel for CPU float32 tensors of at least 32k elements (below, the call costs more than

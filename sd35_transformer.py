@@ -32,7 +32,7 @@ from ppdiffusers.models.attention import JointTransformerBlock
 from ppdiffusers.models.attention_processor import Attention
 from ppdiffusers.models.transformer_sd3 import SD3Transformer2DModel
 
-from frozen_ops import gated, modulate
+from frozen_ops import gated, modulate, norm_modulate
 
 QK_NORM_EPS = 1e-6
 SUPPORTED_QK_NORMS = ("rms_norm",)
@@ -138,12 +138,12 @@ class SD35JointTransformerBlock(JointTransformerBlock):
         attn_output, context_attn_output = self.attn(hidden_states=norm_x, encoder_hidden_states=norm_context)
         hidden_states = hidden_states + gated(gate_msa, attn_output)
         hidden_states = hidden_states + gated(gate_msa2, self.attn2(hidden_states=norm_x2))
-        norm_x = modulate(self.norm2(hidden_states), scale_mlp, shift_mlp)
+        norm_x = norm_modulate(self.norm2, hidden_states, scale_mlp, shift_mlp)
         hidden_states = hidden_states + gated(gate_mlp, self.ff(norm_x))
         if self.context_pre_only:
             return None, hidden_states
         encoder_hidden_states = encoder_hidden_states + gated(c_gate_msa, context_attn_output)
-        norm_context = modulate(self.norm2_context(encoder_hidden_states), c_scale_mlp, c_shift_mlp)
+        norm_context = norm_modulate(self.norm2_context, encoder_hidden_states, c_scale_mlp, c_shift_mlp)
         encoder_hidden_states = encoder_hidden_states + gated(c_gate_mlp, self.ff_context(norm_context))
         return encoder_hidden_states, hidden_states
 

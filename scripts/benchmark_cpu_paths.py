@@ -22,6 +22,8 @@ The fast paths (all on in every entry point; each is switched off alone, the oth
 - ``factor_kernel``: ``cpu_kernels.factor_multiply`` for the blocks' ``[B, 1, D]`` AdaLN factors (trainable,
   frozen and no-grad) instead of expanding them first;
 - ``no_grad_linear``: ``cpu_kernels.linear`` (a no-grad Linear or LoRA Linear as one op) instead of its ops;
+- ``norm_modulate``: ``cpu_kernels.layer_norm_modulate`` (the blocks' LayerNorm and adaLN modulation as one op,
+  without gradients) instead of the LayerNorm kernel and three ops;
 - ``fused_lora_with_grad``: ``frozen_linear.LoraLinear`` (a LoRA Linear with gradients as one graph node) instead
   of the layers' own ops;
 - ``plain_heads``: the discriminator heads without recomputation in backward (the CPU default) instead of
@@ -91,6 +93,8 @@ def switched_off(path: str):
         set_attr(frozen_ops, "_over_one_axis", lambda small, big: False)
     elif path == "factor_kernel":
         set_attr(cpu_kernels, "factor_multiply_runs", lambda x, factor: False)
+    elif path == "norm_modulate":
+        set_attr(cpu_kernels, "layer_norm_modulate_runs", lambda x, scale, shift: False)
     elif path == "no_grad_linear":
         set_attr(cpu_kernels, "linear_runs", lambda x, weight, *others: False)
     elif path == "fused_lora_with_grad":
@@ -109,7 +113,7 @@ def switched_off(path: str):
 
 
 PATHS = ["cpu_kernels", "fused_attention", "direct_conv", "conv_bias_and_pad", "linear_bias", "trainable_factor",
-         "factor_kernel", "no_grad_linear", "fused_lora_with_grad", "plain_heads", "text_attention"]
+         "factor_kernel", "norm_modulate", "no_grad_linear", "fused_lora_with_grad", "plain_heads", "text_attention"]
 
 
 def frozen_transformer(path):

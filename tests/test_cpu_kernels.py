@@ -357,6 +357,23 @@ def test_no_grad_linear_gives_paddles_bits(kernels, case):
     assert not cpu_kernels.linear_runs(x, w, b) and cpu_kernels.linear_runs(x, w.detach(), b)
 
 
+@pytest.mark.parametrize("shape", [(2, 256, 256), (4, 154, 32), (1, 3, 20)])
+def test_layer_norm_modulate_gives_the_ops_bits(kernels, shape):
+    """LayerNorm without weight and bias, times 1 + scale, plus shift, as one op: the bits of cpu_kernels.layer_norm
+    and Paddle's ops, for any thread count; only where no gradient is needed."""
+    rng = np.random.default_rng(shape[1])
+    x, scale, shift = (paddle.to_tensor(rng.standard_normal(s).astype("float32"))
+                       for s in (shape, (shape[0], shape[2]), (shape[0], shape[2])))
+    expected = (cpu_kernels.layer_norm(x, 1e-6) * (1 + scale[:, None]) + shift[:, None]).numpy()
+    for threads in (1, 2, 3):
+        np.testing.assert_array_equal(kernels.pcm_layer_norm_modulate(x, scale, shift, 1e-6, threads).numpy(), expected)
+    assert cpu_kernels.layer_norm_modulate_runs(x, scale, shift)
+    scale.stop_gradient = False
+    assert not cpu_kernels.layer_norm_modulate_runs(x, scale, shift)
+    with paddle.no_grad():
+        assert cpu_kernels.layer_norm_modulate_runs(x, scale, shift)
+
+
 def test_softmax_of_masked_scores_has_no_subnormal_probabilities(kernels):
     """Probabilities below the smallest normal float are 0 (a causal mask's -inf entries, far-off scores): MKL's
     matmul of the probabilities would otherwise run many times slower."""
@@ -519,15 +536,15 @@ def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
 
 
 def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
-    """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, no-grad linear
-    and plain-head paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's CFG output, the
+    """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, norm-modulate,
+    no-grad linear and plain-head paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's CFG output, the
     G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients and the text
     encoders' fused attention change them only at fp32 roundoff."""
     from benchmark_cpu_paths import main
 
     results = main(["--teacher", tiny_sd3, "--resolution", "64", "--reps", "1"])["results"]
-    for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor", "factor_kernel", "no_grad_linear",
-                 "plain_heads"):
+    for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor", "factor_kernel", "norm_modulate",
+                 "no_grad_linear", "plain_heads"):
         for workload, result in results[path].items():
             assert result["equal"], (path, workload, result["max_difference"])
     for path in ("cpu_kernels", "fused_attention"):
