@@ -782,6 +782,114 @@ PD_BUILD_OP(pcm_layer_norm_modulate)
     .Attrs({"epsilon: float", "threads: int64_t"})
     .SetKernelFn(PD_KERNEL(LayerNormModulate));
 
+// The same with gradients, keeping what the separate ops keep: the LayerNorm's input, mean and 1/std, the scale
+// (as the multiply keeps 1 + scale) and, where the scale trains, the normalized rows (as the multiply keeps its other
+// input). Backward: the shift's gradient is the sum over N of dy, the scale's the sum over N of dy * normed (in order
+// of N, as Paddle's sums), the LayerNorm's backward runs on dy * (1 + scale): the separate ops' bits.
+std::vector<paddle::Tensor> LayerNormModulateWithStats(const paddle::Tensor& x, const paddle::Tensor& scale,
+                                                       const paddle::Tensor& shift, float epsilon, int64_t threads) {
+  check(x, "X");
+  check(scale, "Scale");
+  check(shift, "Shift");
+  const auto& xs = x.shape();
+  PD_CHECK(xs.size() == 3 && scale.shape() == std::vector<int64_t>({xs[0], xs[2]}) && shift.shape() == scale.shape(),
+           "cpu_kernels: layer_norm_modulate takes X [B, N, D], Scale and Shift [B, D]");
+  const int64_t tokens = xs[1], n = xs[2], rows = xs[0] * tokens;
+  auto out = paddle::empty_like(x), normed = paddle::empty_like(x);
+  auto mean = paddle::empty({rows}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto rstd = paddle::empty({rows}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = x.data<float>(), *sp = scale.data<float>(), *hp = shift.data<float>();
+  float *op = out.data<float>(), *yp = normed.data<float>(), *mp = mean.data<float>(), *rp = rstd.data<float>();
+  parallel_rows(rows, n, threads, [&](int64_t begin, int64_t end) {
+    layer_norm_rows(xp, yp, mp, rp, epsilon, begin, end, n);
+    for (int64_t row = begin; row < end; ++row) {
+      const float *sr = sp + row / tokens * n, *hr = hp + row / tokens * n, *yr = yp + row * n;
+      float* outr = op + row * n;
+      for (int64_t i = 0; i < n; ++i) outr[i] = yr[i] * (sr[i] * 1.0f + 1.0f) + hr[i];
+    }
+  });
+  return {out, normed, mean, rstd};
+}
+
+// dx (and, with `normed`, dscale and dshift) of LayerNormModulateWithStats.
+std::vector<paddle::Tensor> layer_norm_modulate_grads(const paddle::Tensor& x, const float* normed,
+                                                      const paddle::Tensor& mean, const paddle::Tensor& rstd,
+                                                      const paddle::Tensor& scale, const paddle::Tensor& grad_out,
+                                                      int64_t threads) {
+  check(grad_out, "Out@GRAD");
+  const auto& xs = x.shape();
+  const int64_t batch = xs[0], tokens = xs[1], n = xs[2], rows = batch * tokens;
+  auto dx = paddle::empty_like(x);
+  std::vector<float> dnormed(rows * n);
+  const float *xp = x.data<float>(), *sp = scale.data<float>(), *gp = grad_out.data<float>();
+  parallel_rows(rows, n, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // the multiply's backward: dy * (1 + scale)
+      const float *sr = sp + row / tokens * n, *gr = gp + row * n;
+      float* dr = dnormed.data() + row * n;
+      for (int64_t i = 0; i < n; ++i) dr[i] = gr[i] * (sr[i] * 1.0f + 1.0f);
+    }
+    layer_norm_grad_rows(xp, mean.data<float>(), rstd.data<float>(), dnormed.data(), dx.data<float>(), begin, end, n);
+  });
+  if (!normed) return {dx};
+  auto dscale = paddle::empty_like(scale), dshift = paddle::empty_like(scale);
+  float *dsp = dscale.data<float>(), *dhp = dshift.data<float>();
+  parallel_rows(batch, tokens * n, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {  // sums over the tokens, in order
+      float *ds = dsp + b * n, *dh = dhp + b * n;
+      std::fill(ds, ds + n, 0.0f);
+      std::fill(dh, dh + n, 0.0f);
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float *gr = gp + (b * tokens + t) * n, *yr = normed + (b * tokens + t) * n;
+        for (int64_t i = 0; i < n; ++i) {
+          ds[i] += gr[i] * yr[i];
+          dh[i] += gr[i];
+        }
+      }
+    }
+  });
+  return {dx, dscale, dshift};
+}
+
+std::vector<paddle::Tensor> LayerNormModulateBackward(const paddle::Tensor& x, const paddle::Tensor& normed,
+                                                      const paddle::Tensor& mean, const paddle::Tensor& rstd,
+                                                      const paddle::Tensor& scale, const paddle::Tensor& grad_out,
+                                                      float epsilon, int64_t threads) {
+  return layer_norm_modulate_grads(x, normed.data<float>(), mean, rstd, scale, grad_out, threads);
+}
+
+std::vector<paddle::Tensor> LayerNormFrozenModulateBackward(const paddle::Tensor& x, const paddle::Tensor& mean,
+                                                            const paddle::Tensor& rstd, const paddle::Tensor& scale,
+                                                            const paddle::Tensor& grad_out, float epsilon,
+                                                            int64_t threads) {
+  return layer_norm_modulate_grads(x, nullptr, mean, rstd, scale, grad_out, threads);
+}
+
+// A scale and shift that train (the student's AdaLN, through its LoRA): gradients for all three inputs.
+PD_BUILD_OP(pcm_layer_norm_modulate_trained)
+    .Inputs({"X", "Scale", "Shift"})
+    .Outputs({"Out", "Normed", "Mean", "Rstd"})
+    .Attrs({"epsilon: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(LayerNormModulateWithStats));
+
+PD_BUILD_GRAD_OP(pcm_layer_norm_modulate_trained)
+    .Inputs({"X", "Normed", "Mean", "Rstd", "Scale", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Scale"), paddle::Grad("Shift")})
+    .Attrs({"epsilon: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(LayerNormModulateBackward));
+
+// A frozen scale and shift (the teacher as discriminator backbone): the gradient of X only.
+PD_BUILD_OP(pcm_layer_norm_modulate_frozen)
+    .Inputs({"X", "Scale", "Shift"})
+    .Outputs({"Out", "Normed", "Mean", "Rstd"})
+    .Attrs({"epsilon: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(LayerNormModulateWithStats));
+
+PD_BUILD_GRAD_OP(pcm_layer_norm_modulate_frozen)
+    .Inputs({"X", "Mean", "Rstd", "Scale", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .Attrs({"epsilon: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(LayerNormFrozenModulateBackward));
+
 // A no-grad Linear, x @ W (+ b) (+ ((x @ A) @ B) * scale for a LoRA layer), as one op: the products through the
 // sgemm call Paddle's matmul makes for a [..., K] x [K, N] product (rows folded, no transposes), the bias and the
 // scaled LoRA term added as Paddle's add and scale ops add them: Paddle's bits (tested), without five op calls.

@@ -207,18 +207,23 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias=None, lora_a=None, lora
 
 def layer_norm_modulate_runs(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor) -> bool:
     """Whether :func:`layer_norm_modulate` takes these: CPU float32 ``x`` ``[B, N, D]``, ``scale`` and ``shift``
-    ``[B, D]``, and no gradient to compute."""
+    ``[B, D]``, and no gradient to compute or ``scale`` and ``shift`` both frozen or both trained."""
     return (_runs_here(x) and len(x.shape) == 3 and scale.dtype == shift.dtype == paddle.float32
             and list(scale.shape) == list(shift.shape) == [x.shape[0], x.shape[2]]
-            and (not paddle.is_grad_enabled() or all(t.stop_gradient for t in (x, scale, shift))))
+            and (scale.stop_gradient == shift.stop_gradient or not paddle.is_grad_enabled()
+                 or all(t.stop_gradient for t in (x, scale, shift))))
 
 
 def layer_norm_modulate(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor,
                         epsilon: float) -> paddle.Tensor:
     """``layer_norm(x) * (1 + scale[:, None]) + shift[:, None]`` (a LayerNorm without weight and bias over the last
-    axis, then adaLN's modulation) as one op without gradients: :func:`layer_norm`'s and Paddle's ops' bits."""
-    return kernels().pcm_layer_norm_modulate(_contiguous(x), _contiguous(scale), _contiguous(shift), float(epsilon),
-                                             threads())
+    axis, then adaLN's modulation) as one op: :func:`layer_norm`'s and Paddle's ops' bits, and their gradients'
+    (see :func:`layer_norm_modulate_runs`). With gradients it keeps what those ops keep."""
+    x, scale, shift = _contiguous(x), _contiguous(scale), _contiguous(shift)
+    if not paddle.is_grad_enabled() or all(t.stop_gradient for t in (x, scale, shift)):
+        return kernels().pcm_layer_norm_modulate(x, scale, shift, float(epsilon), threads())
+    op = kernels().pcm_layer_norm_modulate_frozen if scale.stop_gradient else kernels().pcm_layer_norm_modulate_trained
+    return op(x, scale, shift, float(epsilon), threads())[0]
 
 def add_bias(out: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     """``out + bias`` over the last axis, for an ``out`` that no graph records (a no-grad matmul's result): added in

@@ -198,11 +198,19 @@ def modulate(x, scale, shift):
     return add(multiply(x, 1 + scale[:, None]), shift[:, None])
 
 
+# False: a trained scale and shift (the student's AdaLN, through its LoRA) are modulated by the separate ops. The fused
+# op gives the same values and gradients, but the timestep embedding's gradient then adds its terms in another order
+# (last-bit differences in the embedders' LoRA): the savings' bit-identity tests switch it off in both arms.
+FUSE_TRAINED_MODULATION = True
+
+
 def norm_modulate(norm, x, scale, shift):
-    """``modulate(norm(x), scale, shift)``; for a LayerNorm without weight and bias over the last axis, without
-    gradients on CPU, one compiled op (the same bits as the LayerNorm kernel and the ops)."""
+    """``modulate(norm(x), scale, shift)``; for a LayerNorm without weight and bias over the last axis on CPU, one
+    compiled op (the same bits as the LayerNorm kernel and the ops, and with gradients the same gradients and kept
+    tensors)."""
     if (ENABLED and type(norm) is paddle.nn.LayerNorm and norm.weight is None and norm.bias is None
-            and len(norm._normalized_shape) == 1 and cpu_kernels.layer_norm_modulate_runs(x, scale, shift)):
+            and len(norm._normalized_shape) == 1 and cpu_kernels.layer_norm_modulate_runs(x, scale, shift)
+            and (FUSE_TRAINED_MODULATION or scale.stop_gradient or not paddle.is_grad_enabled())):
         return cpu_kernels.layer_norm_modulate(x, scale, shift, norm._epsilon)
     return modulate(norm(x), scale, shift)
 

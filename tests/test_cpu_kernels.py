@@ -358,17 +358,34 @@ def test_no_grad_linear_gives_paddles_bits(kernels, case):
 
 
 @pytest.mark.parametrize("shape", [(2, 256, 256), (4, 154, 32), (1, 3, 20)])
-def test_layer_norm_modulate_gives_the_ops_bits(kernels, shape):
+def test_layer_norm_modulate_gives_the_ops_bits(kernels, shape, monkeypatch):
     """LayerNorm without weight and bias, times 1 + scale, plus shift, as one op: the bits of cpu_kernels.layer_norm
-    and Paddle's ops, for any thread count; only where no gradient is needed."""
+    and frozen_ops' modulation (as the trainer ran them), for any thread count; with gradients (scale and shift
+    trained, or frozen) the same gradients, bit for bit."""
+    import frozen_ops
+
+    monkeypatch.setattr(frozen_ops, "ENABLED", True)
     rng = np.random.default_rng(shape[1])
-    x, scale, shift = (paddle.to_tensor(rng.standard_normal(s).astype("float32"))
-                       for s in (shape, (shape[0], shape[2]), (shape[0], shape[2])))
-    expected = (cpu_kernels.layer_norm(x, 1e-6) * (1 + scale[:, None]) + shift[:, None]).numpy()
+    arrays = [rng.standard_normal(s).astype("float32") for s in (shape, (shape[0], shape[2]), (shape[0], shape[2]))]
+    grad_out = paddle.to_tensor(rng.standard_normal(shape).astype("float32"))
+    x, scale, shift = (paddle.to_tensor(a) for a in arrays)
+    expected = frozen_ops.modulate(cpu_kernels.layer_norm(x, 1e-6), scale, shift).numpy()
     for threads in (1, 2, 3):
         np.testing.assert_array_equal(kernels.pcm_layer_norm_modulate(x, scale, shift, 1e-6, threads).numpy(), expected)
-    assert cpu_kernels.layer_norm_modulate_runs(x, scale, shift)
-    scale.stop_gradient = False
+    for trained in (True, False):
+        results = []
+        for fused in (True, False):
+            x, scale, shift = (paddle.to_tensor(a, stop_gradient=stop) for a, stop in zip(arrays, (False, not trained,
+                                                                                                    not trained)))
+            assert cpu_kernels.layer_norm_modulate_runs(x, scale, shift)
+            out = (cpu_kernels.layer_norm_modulate(x, scale, shift, 1e-6) if fused
+                   else frozen_ops.modulate(cpu_kernels.layer_norm(x, 1e-6), scale, shift))
+            inputs = [x, scale, shift] if trained else [x]
+            results.append([out.numpy()] + [g.numpy() for g in paddle.grad(out, inputs, grad_out)])
+        for a, b in zip(*results):
+            np.testing.assert_array_equal(a, b)
+    x, scale, shift = (paddle.to_tensor(a) for a in arrays)
+    scale.stop_gradient = False  # a trained scale with a frozen shift: not taken where gradients flow
     assert not cpu_kernels.layer_norm_modulate_runs(x, scale, shift)
     with paddle.no_grad():
         assert cpu_kernels.layer_norm_modulate_runs(x, scale, shift)
@@ -536,17 +553,20 @@ def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
 
 
 def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
-    """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, norm-modulate,
-    no-grad linear and plain-head paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's CFG output, the
-    G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients and the text
-    encoders' fused attention change them only at fp32 roundoff."""
+    """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, no-grad linear
+    and plain-head paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's CFG output, the
+    G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients, the fused LayerNorm
+    modulation (on the G step) and the text encoders' fused attention change them only at fp32 roundoff."""
     from benchmark_cpu_paths import main
 
     results = main(["--teacher", tiny_sd3, "--resolution", "64", "--reps", "1"])["results"]
-    for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor", "factor_kernel", "norm_modulate",
-                 "no_grad_linear", "plain_heads"):
+    for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor", "factor_kernel", "no_grad_linear",
+                 "plain_heads"):
         for workload, result in results[path].items():
             assert result["equal"], (path, workload, result["max_difference"])
+    fused = results["norm_modulate"]  # the same values; the trained factors' gradient terms added in another order
+    assert all(fused[workload]["equal"] for workload in ("text_encode", "vae_encode", "teacher_cfg"))
+    assert fused["g_step"]["max_difference"] < 1e-6, fused["g_step"]
     for path in ("cpu_kernels", "fused_attention"):
         for workload in ("teacher_cfg", "g_step"):
             compiled = results[path][workload]

@@ -247,8 +247,8 @@ def test_frozen_block_forwards_are_upstreams_keeping_less(monkeypatch, kind):
     """A frozen SD3 block (ppdiffusers' JointTransformerBlock, the last one with AdaLayerNormContinuous) and the
     SD3.5 MMDiT-X block (sd35_transformer, with attn2 and SD35AdaLayerNormZeroX) as the discriminator's backbone
     runs them, both streams needing gradients: frozen_ops' forwards give the same outputs and input gradients bit
-    for bit as ppdiffusers' (SD3.5: as with frozen_ops off), every AdaLN product through the PyLayer, and keep
-    less for backward."""
+    for bit as ppdiffusers' (SD3.5: as with frozen_ops off), every AdaLN product through the PyLayer or the fused
+    modulation, and keep less for backward."""
     from ppdiffusers.models.attention import JointTransformerBlock
 
     import sd35_transformer
@@ -285,9 +285,10 @@ def test_frozen_block_forwards_are_upstreams_keeping_less(monkeypatch, kind):
             calls = _count_frozen_factor_calls(patch)
             results[on] = run()
             kept[on] = _kept(lambda: block(x, context, temb))
-            # two forwards; each: image stream modulate and gate attn (and attn2) and the MLP, context stream
-            # modulate (the last block's AdaLayerNormContinuous) or modulate and gate attn and the MLP
-            assert len(calls) == on * 2 * (4 + 2 * kind.startswith("sd3.5") + (1 if last else 4))
+            # two forwards; each: image stream gate attn (and attn2: SD3.5, whose norm1 also modulates twice) and the
+            # MLP, context stream modulate (the last block's AdaLayerNormContinuous) or gate attn and the MLP; the
+            # LayerNorms' modulations run fused (cpu_kernels.layer_norm_modulate, keeping only the factor as well)
+            assert len(calls) == on * 2 * (2 + 3 * kind.startswith("sd3.5") + (1 if last else 2))
     for with_, without in zip(results[True], results[False]):
         np.testing.assert_array_equal(with_, without)
     assert kept[True] < kept[False]
@@ -307,10 +308,12 @@ def test_lora_input_copy_is_made_once_per_tensor():
 def _switch(patch, frozen, head_recompute, share_lora_input, frozen_factor):
     """Turn the savings on or off for this test (the trainer has all on). frozen_linear.install() installs
     frozen_linear and frozen_ops: with frozen_linear off, install does nothing. The fused LoRA node (a speed path
-    that sums the layer input's gradient terms in another order) is off in both arms: its own test compares it."""
+    that sums the layer input's gradient terms in another order) and the fused modulation of trained AdaLN factors
+    (the timestep embedding's gradient terms in another order) are off in both arms: their own tests compare them."""
     from discriminator import Discriminator
 
     patch.setattr(frozen_linear, "FUSE_LORA_WITH_GRAD", False)
+    patch.setattr(frozen_ops, "FUSE_TRAINED_MODULATION", False)
 
     patch.setattr(paddle.nn.Linear, "forward", frozen_linear.linear_forward if frozen else frozen_linear._UPSTREAM_FORWARD)
     if not frozen:
