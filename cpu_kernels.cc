@@ -749,30 +749,46 @@ std::vector<paddle::Tensor> AttentionWithBias(const paddle::Tensor& q, const pad
   return {out};
 }
 
-// adaLN modulation of a LayerNorm without weight and bias, forward only (no-grad passes): y = LN(x) * (1 + scale[b])
-// + shift[b] for x [B, N, D], scale and shift [B, D]: the LayerNorm kernel's rows, then Paddle's scale (1 + s),
-// multiply and add, one IEEE operation each: the bits of those four ops, as one call.
-std::vector<paddle::Tensor> LayerNormModulate(const paddle::Tensor& x, const paddle::Tensor& scale,
-                                              const paddle::Tensor& shift, float epsilon, int64_t threads) {
+// adaLN modulation of a LayerNorm without weight and bias: y = LN(x) * (1 + scale[b]) + shift[b] for x [B, N, D],
+// scale and shift [B, D]: the LayerNorm kernel's rows, then Paddle's scale (1 + s), multiply and add, one IEEE
+// operation each: the bits of those four ops, as one call.
+struct ModulateShape {
+  int64_t tokens, n, rows;
+};
+
+ModulateShape modulate_shape(const paddle::Tensor& x, const paddle::Tensor& scale, const paddle::Tensor& shift) {
   check(x, "X");
   check(scale, "Scale");
   check(shift, "Shift");
   const auto& xs = x.shape();
   PD_CHECK(xs.size() == 3 && scale.shape() == std::vector<int64_t>({xs[0], xs[2]}) && shift.shape() == scale.shape(),
            "cpu_kernels: layer_norm_modulate takes X [B, N, D], Scale and Shift [B, D]");
-  const int64_t tokens = xs[1], n = xs[2], rows = xs[0] * tokens;
-  auto out = paddle::empty_like(x);
-  std::vector<float> mean(rows), rstd(rows);
+  return {xs[1], xs[2], xs[0] * xs[1]};
+}
+
+// The normalized rows into `normed` (may be `out`), their mean and 1/std, the modulated rows into `out`.
+void layer_norm_modulate_rows(const ModulateShape& s, const paddle::Tensor& x, const paddle::Tensor& scale,
+                              const paddle::Tensor& shift, float epsilon, int64_t threads, float* normed, float* out,
+                              float* mean, float* rstd) {
   const float *xp = x.data<float>(), *sp = scale.data<float>(), *hp = shift.data<float>();
-  float* op = out.data<float>();
-  parallel_rows(rows, n, threads, [&](int64_t begin, int64_t end) {
-    layer_norm_rows(xp, op, mean.data(), rstd.data(), epsilon, begin, end, n);
+  parallel_rows(s.rows, s.n, threads, [&](int64_t begin, int64_t end) {
+    layer_norm_rows(xp, normed, mean, rstd, epsilon, begin, end, s.n);
     for (int64_t row = begin; row < end; ++row) {
-      const float *sr = sp + row / tokens * n, *hr = hp + row / tokens * n;
-      float* yr = op + row * n;
-      for (int64_t i = 0; i < n; ++i) yr[i] = yr[i] * (sr[i] * 1.0f + 1.0f) + hr[i];
+      const float *sr = sp + row / s.tokens * s.n, *hr = hp + row / s.tokens * s.n, *yr = normed + row * s.n;
+      float* outr = out + row * s.n;
+      for (int64_t i = 0; i < s.n; ++i) outr[i] = yr[i] * (sr[i] * 1.0f + 1.0f) + hr[i];
     }
   });
+}
+
+// Forward only (no-grad passes).
+std::vector<paddle::Tensor> LayerNormModulate(const paddle::Tensor& x, const paddle::Tensor& scale,
+                                              const paddle::Tensor& shift, float epsilon, int64_t threads) {
+  const ModulateShape s = modulate_shape(x, scale, shift);
+  auto out = paddle::empty_like(x);
+  std::vector<float> mean(s.rows), rstd(s.rows);
+  layer_norm_modulate_rows(s, x, scale, shift, epsilon, threads, out.data<float>(), out.data<float>(), mean.data(),
+                           rstd.data());
   return {out};
 }
 
@@ -788,26 +804,12 @@ PD_BUILD_OP(pcm_layer_norm_modulate)
 // of N, as Paddle's sums), the LayerNorm's backward runs on dy * (1 + scale): the separate ops' bits.
 std::vector<paddle::Tensor> LayerNormModulateWithStats(const paddle::Tensor& x, const paddle::Tensor& scale,
                                                        const paddle::Tensor& shift, float epsilon, int64_t threads) {
-  check(x, "X");
-  check(scale, "Scale");
-  check(shift, "Shift");
-  const auto& xs = x.shape();
-  PD_CHECK(xs.size() == 3 && scale.shape() == std::vector<int64_t>({xs[0], xs[2]}) && shift.shape() == scale.shape(),
-           "cpu_kernels: layer_norm_modulate takes X [B, N, D], Scale and Shift [B, D]");
-  const int64_t tokens = xs[1], n = xs[2], rows = xs[0] * tokens;
+  const ModulateShape s = modulate_shape(x, scale, shift);
   auto out = paddle::empty_like(x), normed = paddle::empty_like(x);
-  auto mean = paddle::empty({rows}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  auto rstd = paddle::empty({rows}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  const float *xp = x.data<float>(), *sp = scale.data<float>(), *hp = shift.data<float>();
-  float *op = out.data<float>(), *yp = normed.data<float>(), *mp = mean.data<float>(), *rp = rstd.data<float>();
-  parallel_rows(rows, n, threads, [&](int64_t begin, int64_t end) {
-    layer_norm_rows(xp, yp, mp, rp, epsilon, begin, end, n);
-    for (int64_t row = begin; row < end; ++row) {
-      const float *sr = sp + row / tokens * n, *hr = hp + row / tokens * n, *yr = yp + row * n;
-      float* outr = op + row * n;
-      for (int64_t i = 0; i < n; ++i) outr[i] = yr[i] * (sr[i] * 1.0f + 1.0f) + hr[i];
-    }
-  });
+  auto mean = paddle::empty({s.rows}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto rstd = paddle::empty({s.rows}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  layer_norm_modulate_rows(s, x, scale, shift, epsilon, threads, normed.data<float>(), out.data<float>(),
+                           mean.data<float>(), rstd.data<float>());
   return {out, normed, mean, rstd};
 }
 
