@@ -749,6 +749,36 @@ std::vector<paddle::Tensor> AttentionWithBias(const paddle::Tensor& q, const pad
   return {out};
 }
 
+// The gated residual x + gate[b] * y of the SD3 blocks (x, y [B, N, D], gate [B, D]), forward only (no-grad passes):
+// Paddle's multiply and add, one IEEE operation each (their bits), as one call on the threads.
+std::vector<paddle::Tensor> GatedResidual(const paddle::Tensor& x, const paddle::Tensor& gate, const paddle::Tensor& y,
+                                          int64_t threads) {
+  check(x, "X");
+  check(gate, "Gate");
+  check(y, "Y");
+  const auto& xs = x.shape();
+  PD_CHECK(xs.size() == 3 && y.shape() == xs && gate.shape() == std::vector<int64_t>({xs[0], xs[2]}),
+           "cpu_kernels: gated_residual takes X and Y [B, N, D] and Gate [B, D]");
+  const int64_t tokens = xs[1], n = xs[2];
+  auto out = paddle::empty_like(x);
+  const float *xp = x.data<float>(), *gp = gate.data<float>(), *yp = y.data<float>();
+  float* op = out.data<float>();
+  parallel_rows(xs[0] * tokens, n, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float *xr = xp + row * n, *yr = yp + row * n, *gr = gp + row / tokens * n;
+      float* outr = op + row * n;
+      for (int64_t i = 0; i < n; ++i) outr[i] = xr[i] + yr[i] * gr[i];
+    }
+  });
+  return {out};
+}
+
+PD_BUILD_OP(pcm_gated_residual)
+    .Inputs({"X", "Gate", "Y"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(GatedResidual));
+
 // adaLN modulation of a LayerNorm without weight and bias: y = LN(x) * (1 + scale[b]) + shift[b] for x [B, N, D],
 // scale and shift [B, D]: the LayerNorm kernel's rows, then Paddle's scale (1 + s), multiply and add, one IEEE
 // operation each: the bits of those four ops, as one call.

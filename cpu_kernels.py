@@ -205,6 +205,19 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias=None, lora_a=None, lora
     return kernels().pcm_linear(_contiguous(x), weight, bias, lora_a, lora_b, float(scale), threads())
 
 
+
+def gated_residual_runs(x: paddle.Tensor, gate: paddle.Tensor, y: paddle.Tensor) -> bool:
+    """Whether :func:`gated_residual` takes these: CPU float32 ``x`` and ``y`` ``[B, N, D]``, ``gate`` ``[B, D]``,
+    and no gradient to compute."""
+    return (_runs_here(x) and len(x.shape) == 3 and list(y.shape) == list(x.shape) and y.dtype == gate.dtype == x.dtype
+            and list(gate.shape) == [x.shape[0], x.shape[2]]
+            and (not paddle.is_grad_enabled() or all(t.stop_gradient for t in (x, gate, y))))
+
+
+def gated_residual(x: paddle.Tensor, gate: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:
+    """``x + gate[:, None] * y`` as one op without gradients: Paddle's multiply and add, bit for bit."""
+    return kernels().pcm_gated_residual(_contiguous(x), _contiguous(gate), _contiguous(y), threads())
+
 def layer_norm_modulate_runs(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor) -> bool:
     """Whether :func:`layer_norm_modulate` takes these: CPU float32 ``x`` ``[B, N, D]``, ``scale`` and ``shift``
     ``[B, D]``, and no gradient to compute or ``scale`` and ``shift`` both frozen or both trained."""

@@ -215,6 +215,13 @@ def norm_modulate(norm, x, scale, shift):
     return modulate(norm(x), scale, shift)
 
 
+def gated_residual(x, gate, y):
+    """The gated residual ``x + gate.unsqueeze(1) * y``; without gradients on CPU one compiled op (the same bits)."""
+    if ENABLED and cpu_kernels.gated_residual_runs(x, gate, y):
+        return cpu_kernels.gated_residual(x, gate, y)
+    return x + gated(gate, y)
+
+
 def gated(gate, x):
     """The gated residual branch ``gate.unsqueeze(1) * x`` (``gate``: ``[B, D]``)."""
     return multiply(gate.unsqueeze(1), x)
@@ -257,15 +264,15 @@ def joint_transformer_block_forward(self, hidden_states, encoder_hidden_states, 
         norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states,
                                                                                             emb=temb)
     attn_output, context_attn_output = self.attn(hidden_states=norm_x, encoder_hidden_states=norm_context)
-    hidden_states = hidden_states + gated(gate_msa, attn_output)
+    hidden_states = gated_residual(hidden_states, gate_msa, attn_output)
     norm_x = norm_modulate(self.norm2, hidden_states, scale_mlp, shift_mlp)
-    hidden_states = hidden_states + gated(gate_mlp, _feed_forward(self, self.ff, norm_x))
+    hidden_states = gated_residual(hidden_states, gate_mlp, _feed_forward(self, self.ff, norm_x))
     if self.context_pre_only:
         return None, hidden_states
-    encoder_hidden_states = encoder_hidden_states + gated(c_gate_msa, context_attn_output)
+    encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_msa, context_attn_output)
     norm_context = norm_modulate(self.norm2_context, encoder_hidden_states, c_scale_mlp, c_shift_mlp)
-    encoder_hidden_states = encoder_hidden_states + gated(c_gate_mlp,
-                                                          _feed_forward(self, self.ff_context, norm_context))
+    encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp,
+                                           _feed_forward(self, self.ff_context, norm_context))
     return encoder_hidden_states, hidden_states
 
 

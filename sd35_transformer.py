@@ -32,7 +32,7 @@ from ppdiffusers.models.attention import JointTransformerBlock
 from ppdiffusers.models.attention_processor import Attention
 from ppdiffusers.models.transformer_sd3 import SD3Transformer2DModel
 
-from frozen_ops import gated, modulate, norm_modulate
+from frozen_ops import gated_residual, modulate, norm_modulate
 
 QK_NORM_EPS = 1e-6
 SUPPORTED_QK_NORMS = ("rms_norm",)
@@ -136,15 +136,15 @@ class SD35JointTransformerBlock(JointTransformerBlock):
         else:
             norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, emb=temb)
         attn_output, context_attn_output = self.attn(hidden_states=norm_x, encoder_hidden_states=norm_context)
-        hidden_states = hidden_states + gated(gate_msa, attn_output)
-        hidden_states = hidden_states + gated(gate_msa2, self.attn2(hidden_states=norm_x2))
+        hidden_states = gated_residual(hidden_states, gate_msa, attn_output)
+        hidden_states = gated_residual(hidden_states, gate_msa2, self.attn2(hidden_states=norm_x2))
         norm_x = norm_modulate(self.norm2, hidden_states, scale_mlp, shift_mlp)
-        hidden_states = hidden_states + gated(gate_mlp, self.ff(norm_x))
+        hidden_states = gated_residual(hidden_states, gate_mlp, self.ff(norm_x))
         if self.context_pre_only:
             return None, hidden_states
-        encoder_hidden_states = encoder_hidden_states + gated(c_gate_msa, context_attn_output)
+        encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_msa, context_attn_output)
         norm_context = norm_modulate(self.norm2_context, encoder_hidden_states, c_scale_mlp, c_shift_mlp)
-        encoder_hidden_states = encoder_hidden_states + gated(c_gate_mlp, self.ff_context(norm_context))
+        encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp, self.ff_context(norm_context))
         return encoder_hidden_states, hidden_states
 
 

@@ -21,6 +21,8 @@ The fast paths (all on in every entry point; each is switched off alone, the oth
   instead of Paddle's broadcast multiply and add;
 - ``factor_kernel``: ``cpu_kernels.factor_multiply`` for the blocks' ``[B, 1, D]`` AdaLN factors (trainable,
   frozen and no-grad) instead of expanding them first;
+- ``gated_residual``: ``cpu_kernels.gated_residual`` (the blocks' ``x + gate * y`` as one op, without gradients)
+  instead of the multiply and the add;
 - ``no_grad_linear``: ``cpu_kernels.linear`` (a no-grad Linear or LoRA Linear as one op) instead of its ops;
 - ``norm_modulate``: ``cpu_kernels.layer_norm_modulate`` (the blocks' LayerNorm and adaLN modulation as one op,
   without gradients) instead of the LayerNorm kernel and three ops;
@@ -95,6 +97,8 @@ def switched_off(path: str):
         set_attr(cpu_kernels, "factor_multiply_runs", lambda x, factor: False)
     elif path == "norm_modulate":
         set_attr(cpu_kernels, "layer_norm_modulate_runs", lambda x, scale, shift: False)
+    elif path == "gated_residual":
+        set_attr(cpu_kernels, "gated_residual_runs", lambda x, gate, y: False)
     elif path == "no_grad_linear":
         set_attr(cpu_kernels, "linear_runs", lambda x, weight, *others: False)
     elif path == "fused_lora_with_grad":
@@ -113,7 +117,7 @@ def switched_off(path: str):
 
 
 PATHS = ["cpu_kernels", "fused_attention", "direct_conv", "conv_bias_and_pad", "linear_bias", "trainable_factor",
-         "factor_kernel", "norm_modulate", "no_grad_linear", "fused_lora_with_grad", "plain_heads", "text_attention"]
+         "factor_kernel", "norm_modulate", "gated_residual", "no_grad_linear", "fused_lora_with_grad", "plain_heads", "text_attention"]
 
 
 def frozen_transformer(path):

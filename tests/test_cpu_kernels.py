@@ -391,6 +391,26 @@ def test_layer_norm_modulate_gives_the_ops_bits(kernels, shape, monkeypatch):
         assert cpu_kernels.layer_norm_modulate_runs(x, scale, shift)
 
 
+@pytest.mark.parametrize("shape", [(2, 256, 256), (3, 7, 20)])
+def test_gated_residual_gives_the_ops_bits(kernels, shape, monkeypatch):
+    """x + gate[:, None] * y as one op: the bits of frozen_ops' gated residual (as the trainer ran it), for any
+    thread count; only where no gradient is needed."""
+    import frozen_ops
+
+    monkeypatch.setattr(frozen_ops, "ENABLED", True)
+    rng = np.random.default_rng(shape[2])
+    x, gate, y = (paddle.to_tensor(rng.standard_normal(s).astype("float32"))
+                  for s in (shape, (shape[0], shape[2]), shape))
+    expected = (x + frozen_ops.gated(gate, y)).numpy()
+    for threads in (1, 2, 3):
+        np.testing.assert_array_equal(kernels.pcm_gated_residual(x, gate, y, threads).numpy(), expected)
+    np.testing.assert_array_equal(frozen_ops.gated_residual(x, gate, y).numpy(), expected)
+    y.stop_gradient = False
+    assert not cpu_kernels.gated_residual_runs(x, gate, y)
+    with paddle.no_grad():
+        assert cpu_kernels.gated_residual_runs(x, gate, y)
+
+
 def test_softmax_of_masked_scores_has_no_subnormal_probabilities(kernels):
     """Probabilities below the smallest normal float are 0 (a causal mask's -inf entries, far-off scores): MKL's
     matmul of the probabilities would otherwise run many times slower."""
@@ -553,15 +573,15 @@ def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
 
 
 def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
-    """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, no-grad linear
-    and plain-head paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's CFG output, the
-    G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients, the fused LayerNorm
+    """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, gated-residual,
+    no-grad linear and plain-head paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's
+    CFG output, the G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients, the fused LayerNorm
     modulation (on the G step) and the text encoders' fused attention change them only at fp32 roundoff."""
     from benchmark_cpu_paths import main
 
     results = main(["--teacher", tiny_sd3, "--resolution", "64", "--reps", "1"])["results"]
-    for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor", "factor_kernel", "no_grad_linear",
-                 "plain_heads"):
+    for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor", "factor_kernel", "gated_residual",
+                 "no_grad_linear", "plain_heads"):
         for workload, result in results[path].items():
             assert result["equal"], (path, workload, result["max_difference"])
     fused = results["norm_modulate"]  # the same values; the trained factors' gradient terms added in another order
