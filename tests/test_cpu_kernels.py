@@ -575,8 +575,9 @@ def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
 def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
     """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, gated-residual,
     no-grad linear and plain-head paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's
-    CFG output, the G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients, the fused LayerNorm
-    modulation (on the G step) and the text encoders' fused attention change them only at fp32 roundoff."""
+    CFG output, the G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients, the
+    fused LayerNorm modulation (on the G step) and the text encoders' fused attention change them only at fp32
+    roundoff."""
     from benchmark_cpu_paths import main
 
     results = main(["--teacher", tiny_sd3, "--resolution", "64", "--reps", "1"])["results"]
