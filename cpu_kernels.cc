@@ -590,18 +590,21 @@ PD_BUILD_GRAD_OP(pcm_layer_norm)
 
 // x[row, :] += bias, in place (the frozen bias of a linear layer: the same sums as Paddle's add, without the
 // broadcast kernel or a new tensor).
+// out[row] += bias for each of `rows` rows of n floats (Paddle's sums)
+void add_bias_rows(float* out, const float* bias, int64_t rows, int64_t n, int64_t threads) {
+  parallel_rows(rows, n, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      elementwise(out + row * n, bias, out + row * n, 0, n, [](vfloat a, vfloat b) { return a + b; });
+    }
+  });
+}
+
 void AddBiasInplace(paddle::Tensor& x, const paddle::Tensor& bias, int64_t threads) {
   check(x, "X");
   check(bias, "Bias");
   const int64_t n = bias.numel();
   PD_CHECK(x.shape().back() == n, "cpu_kernels: the bias does not match the last axis");
-  float* xp = x.data<float>();
-  const float* bp = bias.data<float>();
-  parallel_rows(x.numel() / n, n, threads, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      elementwise(xp + row * n, bp, xp + row * n, 0, n, [](vfloat a, vfloat b) { return a + b; });
-    }
-  });
+  add_bias_rows(x.data<float>(), bias.data<float>(), x.numel() / n, n, threads);
 }
 
 PD_BUILD_OP(pcm_add_bias_)
@@ -695,18 +698,25 @@ AttentionShape attention_shape(const paddle::Tensor& q, const paddle::Tensor& k,
   return {q.shape()[0], q.shape()[1], k.shape()[1], q.shape()[2], q.shape()[3]};
 }
 
+// Every query block of every head (one task each) into `out` (and `lse`, if given).
+void attention_blocks(const AttentionShape& s, const paddle::Tensor& q, const paddle::Tensor& k,
+                      const paddle::Tensor& v, float* out, float* lse, float scale, int64_t threads,
+                      const ScoreBias& bias = {}) {
+  const float *qp = q.data<float>(), *kp = k.data<float>(), *vp = v.data<float>();
+  const int64_t blocks = (s.queries + kQueryBlock - 1) / kQueryBlock;
+  parallel_tasks(s.batch * s.heads * blocks, threads, kQueryBlock * s.keys, [&](int64_t task, float* scores) {
+    const int64_t head = task / blocks;
+    attention_block(s, qp, kp, vp, out, lse, scale, head / s.heads, head % s.heads, task % blocks * kQueryBlock,
+                    scores, bias);
+  });
+}
+
 std::vector<paddle::Tensor> AttentionForward(const paddle::Tensor& q, const paddle::Tensor& k, const paddle::Tensor& v,
                                              float scale, int64_t threads) {
   const AttentionShape s = attention_shape(q, k, v);
   auto out = paddle::empty_like(q);
   auto lse = paddle::empty({s.batch, s.heads, s.queries}, paddle::DataType::FLOAT32, paddle::CPUPlace());
-  const float *qp = q.data<float>(), *kp = k.data<float>(), *vp = v.data<float>();
-  float *op = out.data<float>(), *lp = lse.data<float>();
-  const int64_t blocks = (s.queries + kQueryBlock - 1) / kQueryBlock;
-  parallel_tasks(s.batch * s.heads * blocks, threads, kQueryBlock * s.keys, [&](int64_t task, float* scores) {
-    const int64_t head = task / blocks;
-    attention_block(s, qp, kp, vp, op, lp, scale, head / s.heads, head % s.heads, task % blocks * kQueryBlock, scores);
-  });
+  attention_blocks(s, q, k, v, out.data<float>(), lse.data<float>(), scale, threads);
   return {out, lse};
 }
 
@@ -738,14 +748,7 @@ std::vector<paddle::Tensor> AttentionWithBias(const paddle::Tensor& q, const pad
   const int64_t rows = s.queries * s.keys;
   const ScoreBias score_bias{bias.data<float>(), shape[0] == 1 ? 0 : shape[1] * rows, shape[1] == 1 ? 0 : rows};
   auto out = paddle::empty_like(q);
-  const float *qp = q.data<float>(), *kp = k.data<float>(), *vp = v.data<float>();
-  float* op = out.data<float>();
-  const int64_t blocks = (s.queries + kQueryBlock - 1) / kQueryBlock;
-  parallel_tasks(s.batch * s.heads * blocks, threads, kQueryBlock * s.keys, [&](int64_t task, float* scores) {
-    const int64_t head = task / blocks;
-    attention_block(s, qp, kp, vp, op, nullptr, scale, head / s.heads, head % s.heads, task % blocks * kQueryBlock,
-                    scores, score_bias);
-  });
+  attention_blocks(s, q, k, v, out.data<float>(), nullptr, scale, threads, score_bias);
   return {out};
 }
 
@@ -943,12 +946,7 @@ std::vector<paddle::Tensor> LinearNoGrad(const paddle::Tensor& x, const paddle::
   if (bias) {
     check(*bias, "Bias");
     PD_CHECK(bias->numel() == n, "cpu_kernels: linear's bias must have N elements");
-    const float* bp = bias->data<float>();
-    parallel_rows(rows, n, threads, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        elementwise(op + row * n, bp, op + row * n, 0, n, [](vfloat a, vfloat b) { return a + b; });
-      }
-    });
+    add_bias_rows(op, bias->data<float>(), rows, n, threads);
   }
   if (lora_a) {
     PD_CHECK(lora_b, "cpu_kernels: linear takes LoRA A and B together");

@@ -170,24 +170,14 @@ def attention(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor, sc
     return kernels().pcm_attention(q, k, v, float(scale), threads())[0]
 
 
-
-def attention_with_bias_runs(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor, bias) -> bool:
-    """Whether :func:`attention_with_bias` takes these tensors: :func:`fused_attention_runs`, a CPU float32 ``bias``
-    of ``[batch or 1, heads or 1, queries, keys]``, and no gradient to compute (it is forward only)."""
-    batch, queries, heads, _ = query.shape
-    return (fused_attention_runs(query, key, value) and bias.dtype == paddle.float32 and len(bias.shape) == 4
-            and bias.shape[0] in (1, batch) and bias.shape[1] in (1, heads)
-            and bias.shape[2:] == [queries, key.shape[1]] and _no_grad(query, key, value, bias))
-
-
 def attention_with_bias(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor, bias: paddle.Tensor,
                         scale: float) -> paddle.Tensor:
     """``softmax(scale * q k^T + bias) v`` per head on ``[batch, tokens, heads, head_dim]`` tensors, ``bias``
     broadcast from ``[batch or 1, heads or 1, queries, keys]`` (a causal mask, T5's position bias): the fused
-    attention's forward, for passes without gradients (see :func:`attention_with_bias_runs`)."""
+    attention's forward, for passes without gradients (the caller checks the shapes: ``paddle_compat``'s text
+    encoders)."""
     q, k, v, b = (_contiguous(t) for t in (query, key, value, bias))
     return kernels().pcm_attention_with_bias(q, k, v, b, float(scale), threads())
-
 
 
 def linear_runs(x: paddle.Tensor, weight: paddle.Tensor, *others) -> bool:
@@ -195,7 +185,7 @@ def linear_runs(x: paddle.Tensor, weight: paddle.Tensor, *others) -> bool:
     CPU float32 where the kernels have MKL, a 2-D weight, and no gradient to compute."""
     return (_runs_here(x) and has_fused_attention() and len(weight.shape) == 2
             and all(t is None or t.dtype == paddle.float32 for t in (weight, *others))
-            and (not paddle.is_grad_enabled() or all(t is None or t.stop_gradient for t in (x, weight, *others))))
+            and no_gradient(x, weight, *others))
 
 
 def linear(x: paddle.Tensor, weight: paddle.Tensor, bias=None, lora_a=None, lora_b=None,
@@ -205,26 +195,25 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias=None, lora_a=None, lora
     return kernels().pcm_linear(_contiguous(x), weight, bias, lora_a, lora_b, float(scale), threads())
 
 
-
 def gated_residual_runs(x: paddle.Tensor, gate: paddle.Tensor, y: paddle.Tensor) -> bool:
     """Whether :func:`gated_residual` takes these: CPU float32 ``x`` and ``y`` ``[B, N, D]``, ``gate`` ``[B, D]``,
     and no gradient to compute."""
     return (_runs_here(x) and len(x.shape) == 3 and list(y.shape) == list(x.shape) and y.dtype == gate.dtype == x.dtype
             and list(gate.shape) == [x.shape[0], x.shape[2]]
-            and (not paddle.is_grad_enabled() or all(t.stop_gradient for t in (x, gate, y))))
+            and no_gradient(x, gate, y))
 
 
 def gated_residual(x: paddle.Tensor, gate: paddle.Tensor, y: paddle.Tensor) -> paddle.Tensor:
     """``x + gate[:, None] * y`` as one op without gradients: Paddle's multiply and add, bit for bit."""
     return kernels().pcm_gated_residual(_contiguous(x), _contiguous(gate), _contiguous(y), threads())
 
+
 def layer_norm_modulate_runs(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor) -> bool:
     """Whether :func:`layer_norm_modulate` takes these: CPU float32 ``x`` ``[B, N, D]``, ``scale`` and ``shift``
     ``[B, D]``, and no gradient to compute or ``scale`` and ``shift`` both frozen or both trained."""
     return (_runs_here(x) and len(x.shape) == 3 and scale.dtype == shift.dtype == paddle.float32
             and list(scale.shape) == list(shift.shape) == [x.shape[0], x.shape[2]]
-            and (scale.stop_gradient == shift.stop_gradient or not paddle.is_grad_enabled()
-                 or all(t.stop_gradient for t in (x, scale, shift))))
+            and (scale.stop_gradient == shift.stop_gradient or no_gradient(x, scale, shift)))
 
 
 def layer_norm_modulate(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor,
@@ -233,10 +222,11 @@ def layer_norm_modulate(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Te
     axis, then adaLN's modulation) as one op: :func:`layer_norm`'s and Paddle's ops' bits, and their gradients'
     (see :func:`layer_norm_modulate_runs`). With gradients it keeps what those ops keep."""
     x, scale, shift = _contiguous(x), _contiguous(scale), _contiguous(shift)
-    if not paddle.is_grad_enabled() or all(t.stop_gradient for t in (x, scale, shift)):
+    if no_gradient(x, scale, shift):
         return kernels().pcm_layer_norm_modulate(x, scale, shift, float(epsilon), threads())
     op = kernels().pcm_layer_norm_modulate_frozen if scale.stop_gradient else kernels().pcm_layer_norm_modulate_trained
     return op(x, scale, shift, float(epsilon), threads())[0]
+
 
 def add_bias(out: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     """``out + bias`` over the last axis, for an ``out`` that no graph records (a no-grad matmul's result): added in
@@ -249,7 +239,6 @@ def add_bias(out: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     return out + bias.expand(shape)
 
 
-
 def factor_multiply_runs(x: paddle.Tensor, factor: paddle.Tensor) -> bool:
     """Whether :func:`factor_multiply` takes ``x * factor``: CPU float32, ``x`` ``[B, N, D]``, ``factor`` ``[B, 1, D]``."""
     return (_runs_here(x) and factor.dtype == paddle.float32 and len(x.shape) == 3
@@ -260,6 +249,7 @@ def factor_multiply(x: paddle.Tensor, factor: paddle.Tensor) -> paddle.Tensor:
     """``x * factor`` broadcast along axis 1 (see :func:`factor_multiply_runs`) without expanding ``factor``: Paddle's
     products; backward keeps ``x`` and ``factor`` as Paddle's multiply does and gives its gradients bit for bit."""
     return kernels().pcm_factor_multiply(_contiguous(x), _contiguous(factor), threads())
+
 
 def conv2d(x: paddle.Tensor, weight: paddle.Tensor, bias, stride, padding) -> paddle.Tensor:
     """``conv2d(x, weight) + bias`` (NCHW, groups 1, dilation 1, zero ``padding`` as ``(top, bottom, left,
@@ -293,10 +283,15 @@ def forward_only_kernels_off():
         _FORWARD_ONLY[0] = previous
 
 
+def no_gradient(*tensors) -> bool:
+    """No gradient flows through an op on ``tensors`` (``None`` entries ignored): grad off, or none of them needs one.
+    Enough for the kernels that give Paddle's bits (:func:`linear`, :func:`gated_residual`, ...)."""
+    return not paddle.is_grad_enabled() or all(t is None or t.stop_gradient for t in tensors)
+
+
 def _no_grad(*tensors) -> bool:
-    """A forward-only kernel may run: no gradient flows through an op on ``tensors`` (``None`` entries ignored),
-    outside :func:`forward_only_kernels_off`."""
-    return _FORWARD_ONLY[0] and (not paddle.is_grad_enabled() or all(t is None or t.stop_gradient for t in tensors))
+    """A forward-only kernel may run: :func:`no_gradient`, outside :func:`forward_only_kernels_off`."""
+    return _FORWARD_ONLY[0] and no_gradient(*tensors)
 
 
 def group_norm(x: paddle.Tensor, groups: int, epsilon: float, weight=None, bias=None) -> paddle.Tensor:

@@ -153,7 +153,7 @@ def multiply(a, b):
     gradient and the frozen one broadcasts against it (the other's shape is the product's); through
     :class:`FactorMultiply` (or its compiled kernel) when both need one and one broadcasts along one axis (on CPU);
     without gradients, a ``[B, 1, D]`` factor against ``[B, N, D]`` through the kernel (no expanded copy)."""
-    if not ENABLED or not paddle.is_grad_enabled() or (a.stop_gradient and b.stop_gradient):
+    if not ENABLED or cpu_kernels.no_gradient(a, b):
         if ENABLED and cpu_kernels.factor_multiply_runs(a, b):
             return cpu_kernels.factor_multiply(a, b)
         if ENABLED and cpu_kernels.factor_multiply_runs(b, a):

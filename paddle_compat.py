@@ -382,10 +382,9 @@ def _lora_linear_fused(layer, x):
             or lora_B.bias is not None
             or not x.dtype == base.weight.dtype == lora_A.weight.dtype == lora_B.weight.dtype == paddle.float32):
         return None
-    if paddle.is_grad_enabled():
-        return frozen_linear.lora_linear(x, base.weight, base.bias, lora_A.weight, lora_B.weight,
-                                         layer.scaling[adapter])
     scale = layer.scaling[adapter]
+    if paddle.is_grad_enabled():
+        return frozen_linear.lora_linear(x, base.weight, base.bias, lora_A.weight, lora_B.weight, scale)
     if cpu_kernels.linear_runs(x, base.weight, base.bias, lora_A.weight, lora_B.weight):
         return cpu_kernels.linear(x, base.weight, base.bias, lora_A.weight, lora_B.weight, scale)
     result = frozen_ops.linear(x, base.weight, base.bias)
@@ -654,22 +653,23 @@ def clip_attention_forward(self, hidden_states, attention_mask=None, causal_atte
 def t5_attention_forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None,
                          past_key_value=None, query_length=None, use_cache=False, output_attentions=False):
     """``T5Attention.forward``; for self-attention without a cache or attention weights to return, the fused
-    attention with the (masked) position bias, computed as upstream does and returned for the next layer."""
+    attention with the (masked) position bias, computed as upstream does and returned for the next layer (or, where
+    the fused attention does not run, handed to upstream's forward, which then uses it as given)."""
     if key_value_states is None and past_key_value is None and not output_attentions and not (
             self.is_decoder and use_cache):
-        bias = position_bias
-        if bias is None and hidden_states.place.is_cpu_place():
+        if position_bias is None and hidden_states.place.is_cpu_place():
             tokens = hidden_states.shape[1]
             if self.has_relative_attention_bias:
-                bias = self.compute_bias(tokens, tokens)
+                position_bias = self.compute_bias(tokens, tokens)
             else:
-                bias = paddle.zeros((1, self.n_heads, tokens, tokens), dtype=hidden_states.dtype)
+                position_bias = paddle.zeros((1, self.n_heads, tokens, tokens), dtype=hidden_states.dtype)
+                position_bias.stop_gradient = not (self.gradient_checkpointing and self.training)
             if mask is not None:
-                bias = bias + mask
-        out = _fused_text_attention(self, hidden_states, bias, self.n_heads, (self.q, self.k, self.v), 1.0,
+                position_bias = position_bias + mask
+        out = _fused_text_attention(self, hidden_states, position_bias, self.n_heads, (self.q, self.k, self.v), 1.0,
                                     self.dropout)
         if out is not None:
-            return self.o(out), None, bias
+            return self.o(out), None, position_bias
     return _UPSTREAM_TEXT_ATTENTION["t5"](self, hidden_states, mask, key_value_states, position_bias, past_key_value,
                                           query_length, use_cache, output_attentions)
 
