@@ -736,6 +736,122 @@ std::vector<paddle::Tensor> AttentionBackward(const paddle::Tensor& q, const pad
   return {dq, dk, dv};
 }
 
+// Joint attention (the SD3 blocks'): attention over the image tokens followed by the context tokens, from their
+// separate projections (q, k, v of each part: [batch, tokens_i, heads, head_dim]) into separate outputs, without the
+// concatenation's and the split's copies. One task per (batch, head): its rows of both parts are gathered into
+// contiguous [tokens, head_dim] matrices, run through attention_block / attention_grad_head as one head of one image,
+// and scattered back: the same products as the attention over the concatenated tokens (the same bits, tested).
+struct JointParts {
+  const paddle::Tensor* part[2];
+  int64_t batch, tokens[2], heads, dim;
+  int64_t total() const { return tokens[0] + tokens[1]; }
+  int64_t head_floats() const { return total() * dim; }
+};
+
+JointParts joint_parts(const paddle::Tensor& a, const paddle::Tensor& b) {
+  check(a, "the image part");
+  check(b, "the context part");
+  const auto &sa = a.shape(), &sb = b.shape();
+  PD_CHECK(sa.size() == 4 && sb.size() == 4 && sa[0] == sb[0] && sa[2] == sb[2] && sa[3] == sb[3],
+           "cpu_kernels: joint attention takes [batch, tokens, heads, head_dim] parts of one batch, heads and dim");
+  return {{&a, &b}, sa[0], {sa[1], sb[1]}, sa[2], sa[3]};
+}
+
+// Head h of image b of the two parts (tensors of the parts' shape) into `rows` [tokens, dim], or back.
+void gather_head(const JointParts& p, const float* const* parts, int64_t b, int64_t h, float* rows) {
+  for (int i = 0; i < 2; ++i) {
+    for (int64_t t = 0; t < p.tokens[i]; ++t, rows += p.dim)
+      std::memcpy(rows, parts[i] + ((b * p.tokens[i] + t) * p.heads + h) * p.dim, p.dim * sizeof(float));
+  }
+}
+
+void scatter_head(const JointParts& p, const float* rows, int64_t b, int64_t h, float* const* parts) {
+  for (int i = 0; i < 2; ++i) {
+    for (int64_t t = 0; t < p.tokens[i]; ++t, rows += p.dim)
+      std::memcpy(parts[i] + ((b * p.tokens[i] + t) * p.heads + h) * p.dim, rows, p.dim * sizeof(float));
+  }
+}
+
+std::vector<paddle::Tensor> JointAttentionForward(const paddle::Tensor& q1, const paddle::Tensor& k1,
+                                                  const paddle::Tensor& v1, const paddle::Tensor& q2,
+                                                  const paddle::Tensor& k2, const paddle::Tensor& v2, float scale,
+                                                  int64_t threads) {
+  const JointParts p = joint_parts(q1, q2);
+  const JointParts kp = joint_parts(k1, k2), vp = joint_parts(v1, v2);
+  PD_CHECK(kp.tokens[0] == p.tokens[0] && kp.tokens[1] == p.tokens[1] && vp.tokens[0] == p.tokens[0] &&
+               vp.tokens[1] == p.tokens[1] && kp.heads == p.heads && vp.heads == p.heads && kp.dim == p.dim &&
+               vp.dim == p.dim,
+           "cpu_kernels: joint attention's q, k and v parts differ in shape");
+  auto out1 = paddle::empty_like(q1), out2 = paddle::empty_like(q2);
+  auto lse = paddle::empty({p.batch, p.heads, p.total()}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  const float* q[2] = {q1.data<float>(), q2.data<float>()};
+  const float* k[2] = {k1.data<float>(), k2.data<float>()};
+  const float* v[2] = {v1.data<float>(), v2.data<float>()};
+  float* out[2] = {out1.data<float>(), out2.data<float>()};
+  float* lp = lse.data<float>();
+  const int64_t n = p.total(), f = p.head_floats();
+  const AttentionShape head{1, n, n, 1, p.dim};
+  parallel_tasks(p.batch * p.heads, threads, 4 * f + kQueryBlock * n, [&](int64_t task, float* buffers) {
+    const int64_t b = task / p.heads, h = task % p.heads;
+    float *qh = buffers, *kh = qh + f, *vh = kh + f, *oh = vh + f, *scores = oh + f;
+    gather_head(p, q, b, h, qh);
+    gather_head(p, k, b, h, kh);
+    gather_head(p, v, b, h, vh);
+    for (int64_t i0 = 0; i0 < n; i0 += kQueryBlock)
+      attention_block(head, qh, kh, vh, oh, lp + task * n, scale, 0, 0, i0, scores);
+    scatter_head(p, oh, b, h, out);
+  });
+  return {out1, out2, lse};
+}
+
+// An output's gradient, or zeros where none flows (the context output of SD3's last block, which drops it).
+paddle::Tensor gradient_or_zeros(const paddle::Tensor& grad, const paddle::Tensor& like) {
+  if (grad.initialized()) {
+    check(grad, "an output's gradient");
+    return grad;
+  }
+  auto zeros = paddle::empty_like(like);
+  std::memset(zeros.data<float>(), 0, zeros.numel() * sizeof(float));
+  return zeros;
+}
+
+std::vector<paddle::Tensor> JointAttentionBackward(
+    const paddle::Tensor& q1, const paddle::Tensor& k1, const paddle::Tensor& v1, const paddle::Tensor& q2,
+    const paddle::Tensor& k2, const paddle::Tensor& v2, const paddle::Tensor& out1, const paddle::Tensor& out2,
+    const paddle::Tensor& lse, const paddle::Tensor& grad_out1, const paddle::Tensor& grad_out2, float scale,
+    int64_t threads) {
+  const JointParts p = joint_parts(q1, q2);
+  const paddle::Tensor g1 = gradient_or_zeros(grad_out1, out1), g2 = gradient_or_zeros(grad_out2, out2);
+  std::vector<paddle::Tensor> grads;
+  for (const auto* t : {&q1, &k1, &v1, &q2, &k2, &v2}) grads.push_back(paddle::empty_like(*t));
+  const float* q[2] = {q1.data<float>(), q2.data<float>()};
+  const float* k[2] = {k1.data<float>(), k2.data<float>()};
+  const float* v[2] = {v1.data<float>(), v2.data<float>()};
+  const float* o[2] = {out1.data<float>(), out2.data<float>()};
+  const float* g[2] = {g1.data<float>(), g2.data<float>()};
+  float* dq[2] = {grads[0].data<float>(), grads[3].data<float>()};
+  float* dk[2] = {grads[1].data<float>(), grads[4].data<float>()};
+  float* dv[2] = {grads[2].data<float>(), grads[5].data<float>()};
+  const float* lp = lse.data<float>();
+  const int64_t n = p.total(), f = p.head_floats();
+  const AttentionShape head{1, n, n, 1, p.dim};
+  parallel_tasks(p.batch * p.heads, threads, 8 * f + 2 * kQueryBlock * n, [&](int64_t task, float* buffers) {
+    const int64_t b = task / p.heads, h = task % p.heads;
+    float *qh = buffers, *kh = qh + f, *vh = kh + f, *oh = vh + f, *gh = oh + f;
+    float *dqh = gh + f, *dkh = dqh + f, *dvh = dkh + f, *probs = dvh + f;
+    gather_head(p, q, b, h, qh);
+    gather_head(p, k, b, h, kh);
+    gather_head(p, v, b, h, vh);
+    gather_head(p, o, b, h, oh);
+    gather_head(p, g, b, h, gh);
+    attention_grad_head(head, qh, kh, vh, oh, lp + task * n, gh, dqh, dkh, dvh, scale, 0, 0, probs);
+    scatter_head(p, dqh, b, h, dq);
+    scatter_head(p, dkh, b, h, dk);
+    scatter_head(p, dvh, b, h, dv);
+  });
+  return grads;
+}
+
 // Forward only (no-grad passes: the text encoders' attention with its causal mask or position bias).
 std::vector<paddle::Tensor> AttentionWithBias(const paddle::Tensor& q, const paddle::Tensor& k, const paddle::Tensor& v,
                                               const paddle::Tensor& bias, float scale, int64_t threads) {
@@ -989,6 +1105,19 @@ PD_BUILD_GRAD_OP(pcm_attention)
     .Outputs({paddle::Grad("Q"), paddle::Grad("K"), paddle::Grad("V")})
     .Attrs({"scale: float", "threads: int64_t"})
     .SetKernelFn(PD_KERNEL(AttentionBackward));
+
+PD_BUILD_OP(pcm_joint_attention)
+    .Inputs({"Q1", "K1", "V1", "Q2", "K2", "V2"})
+    .Outputs({"Out1", "Out2", "Lse"})
+    .Attrs({"scale: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(JointAttentionForward));
+
+PD_BUILD_GRAD_OP(pcm_joint_attention)
+    .Inputs({"Q1", "K1", "V1", "Q2", "K2", "V2", "Out1", "Out2", "Lse", paddle::Grad("Out1"), paddle::Grad("Out2")})
+    .Outputs({paddle::Grad("Q1"), paddle::Grad("K1"), paddle::Grad("V1"), paddle::Grad("Q2"), paddle::Grad("K2"),
+              paddle::Grad("V2")})
+    .Attrs({"scale: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(JointAttentionBackward));
 #endif  // PCM_WITH_MKL
 
 std::vector<paddle::Tensor> Conv2dForward(const paddle::Tensor& x, const paddle::Tensor& weight,

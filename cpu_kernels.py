@@ -170,6 +170,21 @@ def attention(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor, sc
     return kernels().pcm_attention(q, k, v, float(scale), threads())[0]
 
 
+def joint_attention_runs(*parts: paddle.Tensor) -> bool:
+    """Whether :func:`joint_attention` takes these image and context q, k, v (see :func:`fused_attention_runs`)."""
+    return len(parts) == 6 and fused_attention_runs(*parts[:3]) and fused_attention_runs(*parts[3:])
+
+
+def joint_attention(query, key, value, context_query, context_key, context_value, scale: float) -> tuple:
+    """:func:`attention` over the image tokens followed by the context tokens (the SD3 blocks' joint attention) from
+    their separate ``[batch, tokens, heads, head_dim]`` projections, into the two parts' outputs: the same values as
+    :func:`attention` on the concatenated tokens, without the concatenation and the split (see
+    :func:`joint_attention_runs`)."""
+    parts = (_contiguous(t) for t in (query, key, value, context_query, context_key, context_value))
+    image, context, _ = kernels().pcm_joint_attention(*parts, float(scale), threads())
+    return image, context
+
+
 def attention_with_bias(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor, bias: paddle.Tensor,
                         scale: float) -> paddle.Tensor:
     """``softmax(scale * q k^T + bias) v`` per head on ``[batch, tokens, heads, head_dim]`` tensors, ``bias``

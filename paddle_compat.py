@@ -55,6 +55,9 @@ measured in ENVIRONMENT.md and six more found while building the trainer:
 13. ``scale_lora_layers``/``unscale_lora_layers`` return at once for weight 1.0, as diffusers' do (ppdiffusers walks
    every sublayer around each transformer forward to leave each scale unchanged).
 
+14. ppdiffusers' SD3 joint attention concatenates the image and context tokens' q, k and v and splits the output;
+   on CPU float32 they go to ``cpu_kernels.joint_attention`` as separate parts (the same bits, without the copies).
+
 Before ``import paddle`` it also sets the CPU fast-path settings (MKL's AVX2 path on AMD CPUs, no strided-copy
 kernels on CPU-only builds; see "CPU fast path" below and the README), never overriding a user's value, and
 on CPU attention (SD3's and, through ppdiffusers' plain ``AttnProcessor``, the VAE's: shim 11), SD3's affine-free
@@ -769,6 +772,70 @@ def _patch_lora_scaling() -> bool:
     return True
 
 
+# --- 14. The SD3 blocks' joint attention ----------------------------------------------------------------------------
+# ppdiffusers' ``JointAttnProcessor2_5`` concatenates the image and context tokens' queries, keys and values (three
+# copies) and slices the attention's output apart (two more); backward undoes each (three splits, two zero-filled
+# slice gradients and their sum). On CPU float32 the parts go to ``cpu_kernels.joint_attention`` as they are: the
+# same bits as the fused attention on the concatenation (tested). Elsewhere the same steps as upstream. The processor
+# also runs SD3.5's per-head q/k norms where the attention has them (``sd35_transformer``), and image-only attention
+# (SD3.5's ``attn2``) without ``encoder_hidden_states``.
+def joint_attention(query, key, value, context_query=None, context_key=None, context_value=None):
+    """Attention over the image tokens followed by the context tokens (all ``[B, N, heads, head_dim]``), split into
+    the image and context outputs ``[B, N, heads * head_dim]`` (the image output alone without a context)."""
+    batch, num_image_tokens, heads, head_dim = query.shape
+    parts = (query, key, value, context_query, context_key, context_value)
+    if context_query is not None and cpu_kernels.joint_attention_runs(*parts):
+        image, context = cpu_kernels.joint_attention(*parts, 1.0 / math.sqrt(head_dim))
+        return image.reshape([batch, -1, heads * head_dim]), context.reshape([batch, -1, heads * head_dim])
+    if context_query is not None:
+        query, key, value = (paddle.concat([parts[i], parts[i + 3]], axis=1) for i in range(3))
+    out = F.scaled_dot_product_attention_(query, key, value, dropout_p=0.0, is_causal=False)
+    out = out.reshape([batch, -1, heads * head_dim]).astype(query.dtype)
+    if context_query is None:
+        return out
+    return out[:, :num_image_tokens], out[:, num_image_tokens:]
+
+
+def joint_attn_processor_call(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args,
+                              **kwargs):
+    """``JointAttnProcessor2_5.__call__`` for ``[B, N, C]`` tokens without a mask, through :func:`joint_attention`;
+    anything else goes to upstream's."""
+    if hidden_states.ndim != 3 or attention_mask is not None or (
+            encoder_hidden_states is not None and encoder_hidden_states.ndim != 3):
+        return _UPSTREAM_JOINT_ATTN_CALL[0](self, attn, hidden_states, encoder_hidden_states, attention_mask, *args,
+                                            **kwargs)
+    batch, heads = hidden_states.shape[0], attn.heads
+
+    def heads_of(x, norm=None):  # [B, N, H * D] -> [B, N, H, D], then the per-head norm
+        x = x.reshape([batch, -1, heads, x.shape[-1] // heads])
+        return x if norm is None else norm(x)
+
+    image_qkv = (heads_of(attn.to_q(hidden_states), getattr(attn, "norm_q", None)),
+                 heads_of(attn.to_k(hidden_states), getattr(attn, "norm_k", None)),
+                 heads_of(attn.to_v(hidden_states)))
+    if encoder_hidden_states is None:
+        return attn.to_out[1](attn.to_out[0](joint_attention(*image_qkv)))
+    context_qkv = (heads_of(attn.add_q_proj(encoder_hidden_states), getattr(attn, "norm_added_q", None)),
+                   heads_of(attn.add_k_proj(encoder_hidden_states), getattr(attn, "norm_added_k", None)),
+                   heads_of(attn.add_v_proj(encoder_hidden_states)))
+    image, context = joint_attention(*image_qkv, *context_qkv)
+    image = attn.to_out[1](attn.to_out[0](image))
+    return image, (context if attn.context_pre_only else attn.to_add_out(context))
+
+
+_UPSTREAM_JOINT_ATTN_CALL: list = []
+
+
+def _patch_joint_attn_processor() -> bool:
+    from ppdiffusers.models.attention_processor import JointAttnProcessor2_5
+
+    if JointAttnProcessor2_5.__call__ is joint_attn_processor_call:
+        return False
+    _UPSTREAM_JOINT_ATTN_CALL[:] = [JointAttnProcessor2_5.__call__]
+    JointAttnProcessor2_5.__call__ = joint_attn_processor_call
+    return True
+
+
 def apply() -> dict:
     """Apply every shim (idempotent). Returns which ones changed something on this call."""
     import ppdiffusers  # noqa: F401  (defines its own attention first where it can)
@@ -787,6 +854,7 @@ def apply() -> dict:
         "cpu_attention_processor": _patch_attn_processor(),
         "cpu_text_encoders": _patch_text_encoders(),
         "lora_scale_one": _patch_lora_scaling(),
+        "joint_attention": _patch_joint_attn_processor(),
     }
     return changed
 

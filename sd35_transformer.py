@@ -26,10 +26,9 @@ import json
 import paddle_compat  # noqa: F401  (before ppdiffusers)
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 from ppdiffusers.configuration_utils import register_to_config
 from ppdiffusers.models.attention import JointTransformerBlock
-from ppdiffusers.models.attention_processor import Attention
+from ppdiffusers.models.attention_processor import Attention, JointAttnProcessor2_5
 from ppdiffusers.models.transformer_sd3 import SD3Transformer2DModel
 
 from frozen_ops import gated_residual, modulate, norm_modulate
@@ -72,32 +71,10 @@ class SD35AdaLayerNormZeroX(nn.Layer):
                 modulate(normed, scale_msa2, shift_msa2), gate_msa2)
 
 
-class SD35AttnProcessor:
-    """ppdiffusers' ``JointAttnProcessor2_5`` with the SD3.5 per-head q/k norms (where the attention has them)
-    and without a context stream for attn2 (``encoder_hidden_states=None``: image tokens only)."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        batch, heads = hidden_states.shape[0], attn.heads
-
-        def heads_of(x, norm=None):  # [B, S, H*D] -> [B, S, H, D], then the per-head norm
-            x = x.reshape([batch, -1, heads, x.shape[-1] // heads])
-            return x if norm is None else norm(x)
-
-        query = heads_of(attn.to_q(hidden_states), getattr(attn, "norm_q", None))
-        key = heads_of(attn.to_k(hidden_states), getattr(attn, "norm_k", None))
-        value = heads_of(attn.to_v(hidden_states))
-        num_image_tokens = query.shape[1]
-        if encoder_hidden_states is not None:
-            query = paddle.concat([query, heads_of(attn.add_q_proj(encoder_hidden_states), getattr(attn, "norm_added_q", None))], axis=1)
-            key = paddle.concat([key, heads_of(attn.add_k_proj(encoder_hidden_states), getattr(attn, "norm_added_k", None))], axis=1)
-            value = paddle.concat([value, heads_of(attn.add_v_proj(encoder_hidden_states))], axis=1)
-        out = F.scaled_dot_product_attention_(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.reshape([batch, -1, heads * query.shape[-1]]).astype(query.dtype)
-        image = attn.to_out[1](attn.to_out[0](out[:, :num_image_tokens]))
-        if encoder_hidden_states is None:
-            return image
-        context = out[:, num_image_tokens:]
-        return image, (context if attn.context_pre_only else attn.to_add_out(context))
+class SD35AttnProcessor(JointAttnProcessor2_5):
+    """ppdiffusers' ``JointAttnProcessor2_5`` as ``paddle_compat`` runs it (shim 14): with the SD3.5 per-head q/k norms
+    where the attention has them, and without a context stream for attn2 (``encoder_hidden_states=None``: image
+    tokens only)."""
 
 
 def _add_qk_norms(attn: Attention, head_dim: int, context: bool) -> None:

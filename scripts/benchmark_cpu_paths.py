@@ -31,7 +31,9 @@ The fast paths (all on in every entry point; each is switched off alone, the oth
 - ``plain_heads``: the discriminator heads without recomputation in backward (the CPU default) instead of
   ``discriminator.RecomputedHead``;
 - ``text_attention``: the text encoders' attention through ``cpu_kernels.attention_with_bias`` instead of
-  ppdiffusers' CLIP and T5 attention.
+  ppdiffusers' CLIP and T5 attention;
+- ``joint_attention``: the SD3 blocks' image and context q, k, v through ``cpu_kernels.joint_attention`` as separate
+  parts instead of concatenated before the fused attention and its output split after.
 
 Workloads (fp32, no autocast): ``text_encode`` (the three text encoders on two captions), ``vae_encode`` (the VAE
 encoder, batch 2), ``teacher_cfg`` (the transformer forward without gradients, batch 4: the teacher's cond +
@@ -107,6 +109,8 @@ def switched_off(path: str):
         set_attr(Discriminator, "recompute_heads", True)
     elif path == "text_attention":
         set_attr(paddle_compat, "_fused_text_attention", lambda *args: None)
+    elif path == "joint_attention":
+        set_attr(cpu_kernels, "joint_attention_runs", lambda *parts: False)
     else:
         raise ValueError(f"unknown fast path {path!r}")
     try:
@@ -117,7 +121,8 @@ def switched_off(path: str):
 
 
 PATHS = ["cpu_kernels", "fused_attention", "direct_conv", "conv_bias_and_pad", "linear_bias", "trainable_factor",
-         "factor_kernel", "norm_modulate", "gated_residual", "no_grad_linear", "fused_lora_with_grad", "plain_heads", "text_attention"]
+         "factor_kernel", "norm_modulate", "gated_residual", "no_grad_linear", "fused_lora_with_grad", "plain_heads",
+         "text_attention", "joint_attention"]
 
 
 def frozen_transformer(path):

@@ -392,9 +392,6 @@ class Trace:
     def view(t, n=None):
         return Tensor(t.n if n is None else int(n), t.dt, t.grad, t.sid)
 
-    def part(self, t, n):
-        """``n`` elements sliced from ``t``: a view, a copy on CPU (attention ``"cpu"``)."""
-        return self.new(n, t.dt, t.grad) if self.attention_kind == "cpu" else Trace.view(t, n)
 
     def keep(self, *tensors):
         for t in tensors:
@@ -522,6 +519,15 @@ class Trace:
             self.keep(q, k, v, out, self.new(batch * heads * tokens, "f32"))  # + log-sum-exp
         return out
 
+    def joint_attention(self, parts, batch, heads, tokens):
+        """``cpu_kernels.joint_attention`` (CPU float32, ``paddle_compat`` shim 14) on the image and context q, k, v:
+        keeps the six parts, both outputs and the log-sum-exp; returns the image and context outputs."""
+        recorded = any(t.grad for t in parts)
+        outputs = self.new(parts[0].n, "f32", recorded), self.new(parts[3].n, "f32", recorded)
+        if recorded:
+            self.keep(*parts, *outputs, self.new(batch * heads * tokens, "f32"))
+        return outputs
+
     def _math_attention(self, q, k, v, batch, heads, tokens):
         """``paddle_compat.math_attention``: softmax(q k^T * scale) v with the probabilities kept."""
         n2 = batch * heads * tokens * tokens
@@ -592,11 +598,14 @@ def trace_block(tr, h, ctx, temb, *, width, heads, batch, n_img, n_txt, last, we
     cq, ck, cv = (linear(cx, d, d, target=False) for _ in range(3))    # add_q/k/v_proj (no LoRA)
     if qk_norm:
         q, k, cq, ck = (rms_norm(t) for t in (q, k, cq, ck))
-    q, k, v = tr.concat(q, cq), tr.concat(k, ck), tr.concat(v, cv)
-    out = tr.attention(q, k, v, batch, heads, n_img + n_txt)
-    out = tr.cast(out, q.dt)                                            # .astype(query.dtype)
-    attn = tr.dropout(linear(tr.part(out, batch * n_img * d), d, d))  # to_out.0, to_out.1
-    cattn = None if last else linear(tr.part(out, batch * n_txt * d), d, d)  # to_add_out
+    if tr.attention_kind == "cpu":  # paddle_compat's joint attention: the parts as they are, the outputs apart
+        out, cout = tr.joint_attention((q, k, v, cq, ck, cv), batch, heads, n_img + n_txt)
+    else:
+        q, k, v = tr.concat(q, cq), tr.concat(k, ck), tr.concat(v, cv)
+        out = tr.cast(tr.attention(q, k, v, batch, heads, n_img + n_txt), q.dt)  # .astype(query.dtype)
+        out, cout = Trace.view(out, batch * n_img * d), Trace.view(out, batch * n_txt * d)  # the two slices
+    attn = tr.dropout(linear(out, d, d))                                # to_out.0, to_out.1
+    cattn = None if last else linear(cout, d, d)                        # to_add_out
 
     h = tr.add(h, tr.factor_mul(chunk, attn))
     if dual:  # attn2 over the image tokens on LayerNorm(block input) * (1 + scale2) + shift2

@@ -187,6 +187,69 @@ def test_fused_attention_matches_the_exact_one_and_does_not_depend_on_threads(ke
         np.testing.assert_allclose(fast, exact, rtol=1e-4, atol=2e-5 * np.abs(exact).max())
 
 
+# image and context tokens: SD3's at 128 px (64 + 154), query blocks across the parts' border, one-token parts
+JOINT_SHAPES = [(2, 64, 154, 4, 8), (1, 70, 9, 2, 24), (2, 1, 1, 3, 16)]
+
+
+@pytest.mark.parametrize("shape", JOINT_SHAPES)
+def test_joint_attention_gives_the_bits_of_the_attention_on_the_concatenation(kernels, shape):
+    """cpu_kernels.joint_attention on the image and context parts: the same output and gradients, bit for bit, as
+    the fused attention on the concatenated tokens followed by the split, also when no gradient reaches the context
+    output (SD3's last block drops it), and for 1, 2 or 3 threads."""
+    if not cpu_kernels.has_fused_attention():
+        pytest.skip("Paddle ships no MKL here: no fused attention")
+    batch, image, context, heads, dim = shape
+    rng = np.random.default_rng(image)
+    arrays = [rng.standard_normal((batch, n, heads, dim)).astype("float32") for n in (image,) * 3 + (context,) * 3]
+    grad_image, grad_context = (paddle.to_tensor(rng.standard_normal((batch, n, heads, dim)).astype("float32"))
+                                for n in (image, context))
+    scale = dim ** -0.5
+
+    def run(joint, threads, context_used=True):
+        parts = [paddle.to_tensor(a, stop_gradient=False) for a in arrays]
+        if joint:
+            out_image, out_context, _ = kernels.pcm_joint_attention(*parts, scale, threads)
+        else:
+            out = kernels.pcm_attention(*(paddle.concat([parts[i], parts[i + 3]], axis=1) for i in range(3)),
+                                        scale, threads)[0]
+            out_image, out_context = out[:, :image], out[:, image:]
+        outputs, grads = ([out_image, out_context], [grad_image, grad_context]) if context_used else ([out_image], [grad_image])
+        return [t.numpy() for t in (out_image, out_context, *paddle.grad(outputs, parts, grads))]
+
+    expected = run(False, 2)
+    for threads in (1, 2, 3):
+        for got, want in zip(run(True, threads), expected):
+            np.testing.assert_array_equal(got, want)
+    for got, want in zip(run(True, 2, context_used=False), run(False, 2, context_used=False)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_sd3_blocks_run_the_joint_attention(kernels, tiny_sd3, monkeypatch):
+    """The SD3 transformer's blocks call cpu_kernels.joint_attention (on CPU float32), with the same output as with
+    it switched off (concatenation, the fused attention, split)."""
+    if not cpu_kernels.has_fused_attention():
+        pytest.skip("Paddle ships no MKL here: no fused attention")
+    from sd35_transformer import load_transformer
+
+    transformer = load_transformer(tiny_sd3)
+    config = transformer.config
+    rng = np.random.default_rng(3)
+    inputs = dict(hidden_states=paddle.to_tensor(rng.standard_normal((2, config.in_channels, 8, 8)).astype("float32")),
+                  timestep=paddle.to_tensor([500.0, 20.0]),
+                  encoder_hidden_states=paddle.to_tensor(rng.standard_normal((2, 154, config.joint_attention_dim)).astype("float32")),
+                  pooled_projections=paddle.to_tensor(rng.standard_normal((2, config.pooled_projection_dim)).astype("float32")))
+    calls = []
+    joint = cpu_kernels.joint_attention
+    monkeypatch.setattr(cpu_kernels, "joint_attention", lambda *args: calls.append(1) or joint(*args))
+    with paddle.no_grad():
+        fast = transformer(**inputs).sample.numpy()
+        assert len(calls) == config.num_layers
+        monkeypatch.setattr(cpu_kernels, "joint_attention_runs", lambda *parts: False)
+        plain = transformer(**inputs).sample.numpy()
+    assert len(calls) == config.num_layers
+    np.testing.assert_array_equal(fast, plain)
+
+
 def test_sd3_attention_uses_the_fused_kernel_only_where_it_applies(kernels):
     """paddle_compat's scaled_dot_product_attention_ runs the fused kernel for CPU float32 without mask, causality
     or dropout (SD3's joint attention), and math_attention otherwise."""
@@ -574,7 +637,7 @@ def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
 
 def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
     """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, gated-residual,
-    no-grad linear and plain-head paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's
+    no-grad linear, plain-head and joint-attention paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's
     CFG output, the G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients, the
     fused LayerNorm modulation (on the G step) and the text encoders' fused attention change them only at fp32
     roundoff."""
@@ -582,7 +645,7 @@ def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
 
     results = main(["--teacher", tiny_sd3, "--resolution", "64", "--reps", "1"])["results"]
     for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor", "factor_kernel", "gated_residual",
-                 "no_grad_linear", "plain_heads"):
+                 "no_grad_linear", "plain_heads", "joint_attention"):
         for workload, result in results[path].items():
             assert result["equal"], (path, workload, result["max_difference"])
     fused = results["norm_modulate"]  # the same values; the trained factors' gradient terms added in another order
