@@ -551,6 +551,52 @@ PD_BUILD_GRAD_OP(pcm_gelu_tanh)
     .Attrs({"threads: int64_t"})
     .SetKernelFn(PD_KERNEL(GeluBackward));
 
+// LeakyReLU (the discriminator heads'), forward and backward, as Paddle's: out = max(x, alpha x) (min for alpha > 1),
+// dx = dout * (alpha where x < 0, 1 where x >= 0, else 0): one IEEE operation each, so Paddle's bits, on the threads
+// (Paddle's runs on one).
+std::vector<paddle::Tensor> LeakyReluForward(const paddle::Tensor& x, float alpha, int64_t threads) {
+  check(x, "X");
+  auto out = paddle::empty_like(x);
+  const float* xp = x.data<float>();
+  float* yp = out.data<float>();
+  const vfloat a = splat(alpha);
+  parallel_rows(x.numel(), 1, threads, [&](int64_t b, int64_t e) {
+    if (alpha < 1.0f) {
+      elementwise(xp, nullptr, yp, b, e, [a](vfloat v, vfloat) { const vfloat s = a * v; return v < s ? s : v; });
+    } else {
+      elementwise(xp, nullptr, yp, b, e, [a](vfloat v, vfloat) { const vfloat s = a * v; return s < v ? s : v; });
+    }
+  });
+  return {out};
+}
+
+std::vector<paddle::Tensor> LeakyReluBackward(const paddle::Tensor& x, const paddle::Tensor& grad_out, float alpha,
+                                              int64_t threads) {
+  check(x, "X");
+  check(grad_out, "Out@GRAD");
+  auto grad_x = paddle::empty_like(x);
+  const float* xp = x.data<float>();
+  const float* dyp = grad_out.data<float>();
+  float* dxp = grad_x.data<float>();
+  const vfloat a = splat(alpha), one = splat(1.0f), zero = splat(0.0f);
+  parallel_rows(x.numel(), 1, threads, [&](int64_t b, int64_t e) {
+    elementwise(xp, dyp, dxp, b, e, [&](vfloat v, vfloat g) { return g * (v < zero ? a : (v >= zero ? one : zero)); });
+  });
+  return {grad_x};
+}
+
+PD_BUILD_OP(pcm_leaky_relu)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"alpha: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(LeakyReluForward));
+
+PD_BUILD_GRAD_OP(pcm_leaky_relu)
+    .Inputs({"X", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .Attrs({"alpha: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(LeakyReluBackward));
+
 std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x, float epsilon, int64_t threads) {
   check(x, "X");
   const int64_t n = x.shape().back(), rows = x.numel() / n;

@@ -336,6 +336,14 @@ def gelu_tanh(x: paddle.Tensor) -> paddle.Tensor:
     return F.gelu(x, approximate=True)
 
 
+def leaky_relu(x: paddle.Tensor, negative_slope: float) -> paddle.Tensor:
+    """LeakyReLU: the compiled kernel (Paddle's bits and gradient, on the threads) for CPU float32 tensors, else
+    ``F.leaky_relu``."""
+    if _runs_here(x):
+        return kernels().pcm_leaky_relu(_contiguous(x), float(negative_slope), threads())
+    return F.leaky_relu(x, negative_slope)
+
+
 def layer_norm(x: paddle.Tensor, epsilon: float) -> paddle.Tensor:
     """LayerNorm over the last axis without weight and bias: the compiled kernel for CPU float32 tensors, else
     ``F.layer_norm``."""

@@ -33,7 +33,8 @@ The fast paths (all on in every entry point; each is switched off alone, the oth
 - ``text_attention``: the text encoders' attention through ``cpu_kernels.attention_with_bias`` instead of
   ppdiffusers' CLIP and T5 attention;
 - ``joint_attention``: the SD3 blocks' image and context q, k, v through ``cpu_kernels.joint_attention`` as separate
-  parts instead of concatenated before the fused attention and its output split after.
+  parts instead of concatenated before the fused attention and its output split after;
+- ``leaky_relu``: the discriminator heads' LeakyReLU through ``cpu_kernels.leaky_relu`` instead of Paddle's.
 
 Workloads (fp32, no autocast): ``text_encode`` (the three text encoders on two captions), ``vae_encode`` (the VAE
 encoder, batch 2), ``teacher_cfg`` (the transformer forward without gradients, batch 4: the teacher's cond +
@@ -111,6 +112,8 @@ def switched_off(path: str):
         set_attr(paddle_compat, "_fused_text_attention", lambda *args: None)
     elif path == "joint_attention":
         set_attr(cpu_kernels, "joint_attention_runs", lambda *parts: False)
+    elif path == "leaky_relu":
+        set_attr(cpu_kernels, "leaky_relu", F.leaky_relu)
     else:
         raise ValueError(f"unknown fast path {path!r}")
     try:
@@ -122,7 +125,7 @@ def switched_off(path: str):
 
 PATHS = ["cpu_kernels", "fused_attention", "direct_conv", "conv_bias_and_pad", "linear_bias", "trainable_factor",
          "factor_kernel", "norm_modulate", "gated_residual", "no_grad_linear", "fused_lora_with_grad", "plain_heads",
-         "text_attention", "joint_attention"]
+         "text_attention", "joint_attention", "leaky_relu"]
 
 
 def frozen_transformer(path):

@@ -96,6 +96,31 @@ def test_gelu_tanh_matches_the_formula_and_paddles_gradient(kernels, n):
     np.testing.assert_allclose(fast.numpy(), plain.numpy(), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("slope", [0.01, 0.2, 1.5])
+def test_leaky_relu_gives_paddles_bits_and_gradient(kernels, slope):
+    """The LeakyReLU kernel (the discriminator heads') against Paddle's ``F.leaky_relu``: the same bits forward and
+    backward (zeros of both signs and NaN included), for any thread count; and ``nn.LeakyReLU`` runs it."""
+    rng = np.random.default_rng(5)
+    values = np.concatenate([rng.standard_normal(4 * 256 * 67) * 3, [0.0, -0.0, np.nan, -1e-40, 1e-40]])
+    x = paddle.to_tensor(values.astype("float32"), stop_gradient=False)
+    grad_out = paddle.to_tensor(rng.standard_normal(values.shape).astype("float32"))
+    plain = F.leaky_relu(x, slope)
+    expected = [plain.numpy(), paddle.grad([plain], [x], [grad_out])[0].numpy()]
+    for threads in (1, 2, 3):
+        fast = kernels.pcm_leaky_relu(x, slope, threads)
+        got = [fast.numpy(), paddle.grad([fast], [x], [grad_out])[0].numpy()]
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a.view("uint32"), b.view("uint32"))
+    calls = []
+    original = kernels.pcm_leaky_relu
+    try:
+        kernels.pcm_leaky_relu = lambda *args: calls.append(1) or original(*args)
+        np.testing.assert_array_equal(paddle.nn.LeakyReLU(slope)(x).numpy(), expected[0])
+    finally:
+        kernels.pcm_leaky_relu = original
+    assert calls
+
+
 @pytest.mark.parametrize("n", [7, 16, 256])
 def test_layer_norm_matches_paddles_forward_and_gradient(kernels, n):
     """SD3's LayerNorm (no weight or bias): output and input gradient within a few ulp of Paddle's, the same bits
@@ -637,7 +662,7 @@ def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
 
 def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
     """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, gated-residual,
-    no-grad linear, plain-head and joint-attention paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's
+    no-grad linear, plain-head, joint-attention and LeakyReLU paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's
     CFG output, the G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients, the
     fused LayerNorm modulation (on the G step) and the text encoders' fused attention change them only at fp32
     roundoff."""
@@ -645,7 +670,7 @@ def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
 
     results = main(["--teacher", tiny_sd3, "--resolution", "64", "--reps", "1"])["results"]
     for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor", "factor_kernel", "gated_residual",
-                 "no_grad_linear", "plain_heads", "joint_attention"):
+                 "no_grad_linear", "plain_heads", "joint_attention", "leaky_relu"):
         for workload, result in results[path].items():
             assert result["equal"], (path, workload, result["max_difference"])
     fused = results["norm_modulate"]  # the same values; the trained factors' gradient terms added in another order
