@@ -154,6 +154,17 @@ inline vfloat gelu_tanh_grad(vfloat x, vfloat dy) {
   return dy * slope;
 }
 
+// LeakyReLU as Paddle's for a slope alpha < 1: max(v, alpha v), and its gradient g * (alpha where v < 0, 1 where
+// v >= 0, else 0): one IEEE operation each, so Paddle's bits.
+inline vfloat leaky_relu_of(vfloat v, vfloat alpha) {
+  const vfloat s = alpha * v;
+  return v < s ? s : v;
+}
+
+inline vfloat leaky_relu_grad_of(vfloat v, vfloat g, vfloat alpha) {
+  return g * (v < splat(0.0f) ? alpha : (v >= splat(0.0f) ? splat(1.0f) : splat(0.0f)));
+}
+
 // Elementwise over [begin, end) of flat arrays, 16 at a time, the tail through a zero-filled buffer.
 template <typename Fn>
 void elementwise(const float* a, const float* b, float* out, int64_t begin, int64_t end, Fn fn) {
@@ -550,52 +561,6 @@ PD_BUILD_GRAD_OP(pcm_gelu_tanh)
     .Outputs({paddle::Grad("X")})
     .Attrs({"threads: int64_t"})
     .SetKernelFn(PD_KERNEL(GeluBackward));
-
-// LeakyReLU (the discriminator heads'), forward and backward, as Paddle's: out = max(x, alpha x) (min for alpha > 1),
-// dx = dout * (alpha where x < 0, 1 where x >= 0, else 0): one IEEE operation each, so Paddle's bits, on the threads
-// (Paddle's runs on one).
-std::vector<paddle::Tensor> LeakyReluForward(const paddle::Tensor& x, float alpha, int64_t threads) {
-  check(x, "X");
-  auto out = paddle::empty_like(x);
-  const float* xp = x.data<float>();
-  float* yp = out.data<float>();
-  const vfloat a = splat(alpha);
-  parallel_rows(x.numel(), 1, threads, [&](int64_t b, int64_t e) {
-    if (alpha < 1.0f) {
-      elementwise(xp, nullptr, yp, b, e, [a](vfloat v, vfloat) { const vfloat s = a * v; return v < s ? s : v; });
-    } else {
-      elementwise(xp, nullptr, yp, b, e, [a](vfloat v, vfloat) { const vfloat s = a * v; return s < v ? s : v; });
-    }
-  });
-  return {out};
-}
-
-std::vector<paddle::Tensor> LeakyReluBackward(const paddle::Tensor& x, const paddle::Tensor& grad_out, float alpha,
-                                              int64_t threads) {
-  check(x, "X");
-  check(grad_out, "Out@GRAD");
-  auto grad_x = paddle::empty_like(x);
-  const float* xp = x.data<float>();
-  const float* dyp = grad_out.data<float>();
-  float* dxp = grad_x.data<float>();
-  const vfloat a = splat(alpha), one = splat(1.0f), zero = splat(0.0f);
-  parallel_rows(x.numel(), 1, threads, [&](int64_t b, int64_t e) {
-    elementwise(xp, dyp, dxp, b, e, [&](vfloat v, vfloat g) { return g * (v < zero ? a : (v >= zero ? one : zero)); });
-  });
-  return {grad_x};
-}
-
-PD_BUILD_OP(pcm_leaky_relu)
-    .Inputs({"X"})
-    .Outputs({"Out"})
-    .Attrs({"alpha: float", "threads: int64_t"})
-    .SetKernelFn(PD_KERNEL(LeakyReluForward));
-
-PD_BUILD_GRAD_OP(pcm_leaky_relu)
-    .Inputs({"X", paddle::Grad("Out")})
-    .Outputs({paddle::Grad("X")})
-    .Attrs({"alpha: float", "threads: int64_t"})
-    .SetKernelFn(PD_KERNEL(LeakyReluBackward));
 
 std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x, float epsilon, int64_t threads) {
   check(x, "X");
@@ -1294,6 +1259,94 @@ PD_BUILD_GRAD_OP(pcm_affine_group_norm)
     .Outputs({paddle::Grad("X"), paddle::Grad("Weight"), paddle::Grad("Bias")})
     .Attrs({"groups: int64_t", "epsilon: float", "threads: int64_t"})
     .SetKernelFn(PD_KERNEL(AffineGroupNormBackward));
+
+// The discriminator heads' conv bias, GroupNorm and LeakyReLU as one op (the 1x1 convolution runs without its bias):
+// pre = x + conv_bias[c], then the GroupNorm kernel, then LeakyReLU as Paddle's: the bits of the three ops. Keeps
+// pre (the GroupNorm's input) and the statistics, as the GroupNorm did; backward recomputes the GroupNorm's output
+// for the LeakyReLU's gradient (the separate LeakyReLU kept it) and sums the conv bias's gradient over the images
+// in order, each image's pixels in 16 lanes.
+std::vector<paddle::Tensor> HeadNormForward(const paddle::Tensor& x, const paddle::Tensor& conv_bias,
+                                            const paddle::Tensor& weight, const paddle::Tensor& bias, int64_t groups,
+                                            float epsilon, float slope, int64_t threads) {
+  check(x, "X");
+  check(conv_bias, "ConvBias");
+  PD_CHECK(x.shape().size() >= 2 && conv_bias.numel() == x.shape()[1] && slope < 1.0f,
+           "cpu_kernels: head_norm takes [N, C, ...], one conv bias per channel and a slope below 1");
+  const int64_t batch = x.shape()[0], channels = x.shape()[1], pixels = x.numel() / (batch * channels);
+  auto pre = paddle::empty_like(x);
+  const float *xp = x.data<float>(), *cb = conv_bias.data<float>();
+  float* pp = pre.data<float>();
+  parallel_rows(batch * channels, pixels, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const vfloat b = splat(cb[row % channels]);
+      elementwise(xp + row * pixels, nullptr, pp + row * pixels, 0, pixels, [&](vfloat v, vfloat) { return v + b; });
+    }
+  });
+  auto normed = AffineGroupNormForward(pre, weight, bias, groups, epsilon, threads);
+  float* op = normed[0].data<float>();
+  const vfloat alpha = splat(slope);
+  parallel_rows(x.numel(), 1, threads, [&](int64_t b, int64_t e) {
+    elementwise(op, nullptr, op, b, e, [&](vfloat v, vfloat) { return leaky_relu_of(v, alpha); });
+  });
+  return {normed[0], pre, normed[1], normed[2]};
+}
+
+std::vector<paddle::Tensor> HeadNormBackward(const paddle::Tensor& pre, const paddle::Tensor& weight,
+                                             const paddle::Tensor& bias, const paddle::Tensor& mean,
+                                             const paddle::Tensor& rstd, const paddle::Tensor& grad_out,
+                                             int64_t groups, float epsilon, float slope, int64_t threads) {
+  check(grad_out, "Out@GRAD");
+  const int64_t batch = pre.shape()[0], channels = pre.shape()[1], pixels = pre.numel() / (batch * channels);
+  const int64_t per_group = channels / groups;
+  auto grad_normed = paddle::empty_like(pre);  // the LeakyReLU's input gradient, on the recomputed GroupNorm output
+  const float *pp = pre.data<float>(), *wp = weight.data<float>(), *bp = bias.data<float>();
+  const float *mp = mean.data<float>(), *rp = rstd.data<float>(), *gp = grad_out.data<float>();
+  float* gn = grad_normed.data<float>();
+  const vfloat alpha = splat(slope);
+  parallel_rows(batch * channels, pixels, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t c = row % channels, task = row / channels * groups + c / per_group;
+      const vfloat vm = splat(mp[task]), vr = splat(rp[task]), vw = splat(wp[c]), vb = splat(bp[c]);
+      const int64_t offset = row * pixels;
+      elementwise(pp + offset, gp + offset, gn + offset, 0, pixels, [&](vfloat v, vfloat g) {
+        return leaky_relu_grad_of((v - vm) * vr * vw + vb, g, alpha);
+      });
+    }
+  });
+  auto grads = AffineGroupNormBackward(pre, weight, mean, rstd, grad_normed, groups, epsilon, threads);
+  auto grad_conv_bias = paddle::empty({channels}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  std::vector<float> parts(batch * channels);
+  const float* dx = grads[0].data<float>();
+  parallel_rows(batch * channels, pixels, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      vfloat sum = splat(0.0f);
+      const float* r = dx + row * pixels;
+      int64_t i = 0;
+      for (; i + kLanes <= pixels; i += kLanes) sum += load(r + i);
+      if (i < pixels) sum += load_tail(r + i, pixels - i);
+      parts[row] = sum_lanes(sum);
+    }
+  });
+  float* dcb = grad_conv_bias.data<float>();
+  for (int64_t c = 0; c < channels; ++c) {  // over the images, in order
+    float total = 0.0f;
+    for (int64_t n = 0; n < batch; ++n) total += parts[n * channels + c];
+    dcb[c] = total;
+  }
+  return {grads[0], grad_conv_bias, grads[1], grads[2]};
+}
+
+PD_BUILD_OP(pcm_head_norm)
+    .Inputs({"X", "ConvBias", "Weight", "Bias"})
+    .Outputs({"Out", "Pre", "Mean", "Rstd"})
+    .Attrs({"groups: int64_t", "epsilon: float", "slope: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(HeadNormForward));
+
+PD_BUILD_GRAD_OP(pcm_head_norm)
+    .Inputs({"Pre", "Weight", "Bias", "Mean", "Rstd", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("ConvBias"), paddle::Grad("Weight"), paddle::Grad("Bias")})
+    .Attrs({"groups: int64_t", "epsilon: float", "slope: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(HeadNormBackward));
 
 PD_BUILD_OP(pcm_group_norm)
     .Inputs({"X", paddle::Optional("Weight"), paddle::Optional("Bias")})

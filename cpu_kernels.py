@@ -19,6 +19,10 @@ frozen linear layer's bias, and the VAE's convolution, GroupNorm and SiLU.
   LayerNorms without weight and bias (``[2, 410, 256]``: Paddle 2.9 ms forward and backward, PyTorch 0.6).
 - :func:`add_bias` (``frozen_ops.linear``): a frozen bias added into the matmul's product in place, the same sums
   without Paddle's broadcast kernel or another tensor.
+- :func:`joint_attention` (``paddle_compat``'s shim 14): the SD3 blocks' attention from the image and context
+  tokens' separate q, k, v into separate outputs, without the concatenations and the split around :func:`attention`
+  (the same bits). :func:`head_norm` (``discriminator``): the heads' conv bias, GroupNorm and LeakyReLU as one op
+  each way (Paddle's bits but for the conv bias's gradient's summation order).
 - :func:`conv2d`, :func:`group_norm`, :func:`silu` (``paddle_compat``'s ``Conv2D``, ``GroupNorm`` and ``Silu``
   where no gradient flows: the VAE): Paddle's CPU convolution unfolds its input on one thread before a GEMM, its
   GroupNorm and SiLU are single-threaded. A direct convolution (output rows on the threads, 8 output channels x 16
@@ -322,6 +326,21 @@ def group_norm(x: paddle.Tensor, groups: int, epsilon: float, weight=None, bias=
     return F.group_norm(x, groups, epsilon, weight, bias)
 
 
+def head_norm_runs(x: paddle.Tensor, norm: paddle.nn.GroupNorm, slope: float, *params) -> bool:
+    """Whether :func:`head_norm` takes this ``[N, C, ...]`` convolution output, GroupNorm (with weight and bias) and
+    LeakyReLU slope (below 1), with ``params`` (the conv bias, the norm's weight and bias): CPU float32."""
+    return (_runs_here(x) and len(x.shape) >= 2 and norm._data_format in ("NCHW", "NCL", "NCDHW")
+            and slope < 1 and all(p is not None and p.dtype == paddle.float32 for p in params))
+
+
+def head_norm(x: paddle.Tensor, conv_bias, norm: paddle.nn.GroupNorm, slope: float) -> paddle.Tensor:
+    """``leaky_relu(norm(x + conv_bias[:, None, None]), slope)`` (the discriminator heads' convolution bias, GroupNorm
+    and LeakyReLU) as one op with its gradients: the three ops' bits forward and for the input, the norm's weight
+    and bias; the conv bias's gradient sums the same terms in another order (see :func:`head_norm_runs`)."""
+    return kernels().pcm_head_norm(_contiguous(x), conv_bias, norm.weight, norm.bias, int(norm._num_groups),
+                                   float(norm._epsilon), float(slope), threads())[0]
+
+
 def silu(x: paddle.Tensor) -> paddle.Tensor:
     """SiLU: the compiled kernel for CPU float32 tensors no gradient flows through, else ``F.silu``."""
     if _runs_here(x) and _no_grad(x):
@@ -334,14 +353,6 @@ def gelu_tanh(x: paddle.Tensor) -> paddle.Tensor:
     if _runs_here(x):
         return kernels().pcm_gelu_tanh(_contiguous(x), threads())
     return F.gelu(x, approximate=True)
-
-
-def leaky_relu(x: paddle.Tensor, negative_slope: float) -> paddle.Tensor:
-    """LeakyReLU: the compiled kernel (Paddle's bits and gradient, on the threads) for CPU float32 tensors, else
-    ``F.leaky_relu``."""
-    if _runs_here(x):
-        return kernels().pcm_leaky_relu(_contiguous(x), float(negative_slope), threads())
-    return F.leaky_relu(x, negative_slope)
 
 
 def layer_norm(x: paddle.Tensor, epsilon: float) -> paddle.Tensor:

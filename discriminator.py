@@ -40,9 +40,19 @@ class DiscriminatorHead(nn.Layer):
         if num_tokens != grid_height * grid_width:
             raise ValueError(f"{num_tokens} tokens do not form a {grid_height}x{grid_width} grid")
         x = tokens.transpose([0, 2, 1]).reshape([batch, channels, grid_height, grid_width])
-        x = self.conv1(x)
-        x = self.conv2(x) + x
+        x = _conv_norm_act(self.conv1, x)
+        x = _conv_norm_act(self.conv2, x) + x
         return self.conv_out(x)
+
+
+def _conv_norm_act(block: nn.Sequential, x: paddle.Tensor) -> paddle.Tensor:
+    """``block(x)`` (1x1 conv, GroupNorm, LeakyReLU); on CPU float32 the convolution without its bias, then
+    ``cpu_kernels.head_norm`` (bias, norm and activation as one op: the same values and gradients)."""
+    conv, norm, act = block
+    slope = act._negative_slope
+    if cpu_kernels.head_norm_runs(x, norm, slope, conv.bias, norm.weight, norm.bias):
+        return cpu_kernels.head_norm(F.conv2d(x, conv.weight), conv.bias, norm, slope)
+    return block(x)
 
 
 class RecomputedHead(PyLayer):

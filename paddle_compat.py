@@ -61,7 +61,7 @@ measured in ENVIRONMENT.md and six more found while building the trainer:
 Before ``import paddle`` it also sets the CPU fast-path settings (MKL's AVX2 path on AMD CPUs, no strided-copy
 kernels on CPU-only builds; see "CPU fast path" below and the README), never overriding a user's value, and
 on CPU attention (SD3's and, through ppdiffusers' plain ``AttnProcessor``, the VAE's: shim 11), SD3's affine-free
-LayerNorms, GELU (tanh) and LeakyReLU, and in no-grad passes GroupNorm and SiLU, run ``cpu_kernels``' compiled kernels
+LayerNorms and GELU (tanh), and in no-grad passes GroupNorm and SiLU, run ``cpu_kernels``' compiled kernels
 (shim 10).
 
 ``apply()`` is idempotent and each shim is a no-op where it is not needed.
@@ -533,9 +533,7 @@ def _patch_conv2d_bias() -> bool:
 # Paddle's CPU LayerNorm backward and GELU (tanh) forward and backward are scalar single-threaded code (see
 # cpu_kernels.py); the SD3 and SD3.5 blocks' LayerNorms (no weight, no bias) and their feed-forward GELU run the
 # compiled kernels on CPU float32 tensors, Paddle's own ops everywhere else. GroupNorm and SiLU (single-threaded
-# too: half of a VAE encode after the convolutions) run forward-only kernels where no gradient flows. The
-# discriminator heads' LeakyReLU runs the compiled kernel with its gradient (Paddle's bits; Paddle's backward took
-# 0.44 ms per head on the small benchmark teacher against PyTorch's 0.04).
+# too: half of a VAE encode after the convolutions) run forward-only kernels where no gradient flows.
 def layer_norm_forward(self, input):
     """``paddle.nn.LayerNorm.forward``; without weight and bias, over the last axis: ``cpu_kernels.layer_norm``."""
     if self.weight is None and self.bias is None and len(self._normalized_shape) == 1:
@@ -560,11 +558,6 @@ def group_norm_forward(self, input):
     return _UPSTREAM_GROUP_NORM_FORWARD(self, input)
 
 
-def leaky_relu_forward(self, x):
-    """``paddle.nn.LeakyReLU.forward`` through ``cpu_kernels.leaky_relu`` (the discriminator heads')."""
-    return cpu_kernels.leaky_relu(x, self._negative_slope)
-
-
 def silu_forward(self, x):
     """``paddle.nn.Silu.forward`` through ``cpu_kernels.silu`` (its kernel without gradients)."""
     return cpu_kernels.silu(x)
@@ -581,7 +574,6 @@ def _patch_cpu_kernel_layers() -> bool:
     paddle.nn.LayerNorm.forward = layer_norm_forward
     paddle.nn.GroupNorm.forward = group_norm_forward
     paddle.nn.Silu.forward = silu_forward
-    paddle.nn.LeakyReLU.forward = leaky_relu_forward
     GELU.gelu = gelu_method
     return True
 

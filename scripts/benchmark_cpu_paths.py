@@ -34,7 +34,8 @@ The fast paths (all on in every entry point; each is switched off alone, the oth
   ppdiffusers' CLIP and T5 attention;
 - ``joint_attention``: the SD3 blocks' image and context q, k, v through ``cpu_kernels.joint_attention`` as separate
   parts instead of concatenated before the fused attention and its output split after;
-- ``leaky_relu``: the discriminator heads' LeakyReLU through ``cpu_kernels.leaky_relu`` instead of Paddle's.
+- ``head_norm``: the discriminator heads' conv bias, GroupNorm and LeakyReLU as ``cpu_kernels.head_norm`` (one op
+  each way) instead of the three ops.
 
 Workloads (fp32, no autocast): ``text_encode`` (the three text encoders on two captions), ``vae_encode`` (the VAE
 encoder, batch 2), ``teacher_cfg`` (the transformer forward without gradients, batch 4: the teacher's cond +
@@ -112,8 +113,8 @@ def switched_off(path: str):
         set_attr(paddle_compat, "_fused_text_attention", lambda *args: None)
     elif path == "joint_attention":
         set_attr(cpu_kernels, "joint_attention_runs", lambda *parts: False)
-    elif path == "leaky_relu":
-        set_attr(cpu_kernels, "leaky_relu", F.leaky_relu)
+    elif path == "head_norm":
+        set_attr(cpu_kernels, "head_norm_runs", lambda *args: False)
     else:
         raise ValueError(f"unknown fast path {path!r}")
     try:
@@ -125,7 +126,7 @@ def switched_off(path: str):
 
 PATHS = ["cpu_kernels", "fused_attention", "direct_conv", "conv_bias_and_pad", "linear_bias", "trainable_factor",
          "factor_kernel", "norm_modulate", "gated_residual", "no_grad_linear", "fused_lora_with_grad", "plain_heads",
-         "text_attention", "joint_attention", "leaky_relu"]
+         "text_attention", "joint_attention", "head_norm"]
 
 
 def frozen_transformer(path):

@@ -694,8 +694,15 @@ def trace_heads(tr, features, width, *, torch_inplace=False):
                 out = tr.add(out, tr.param(fan_out_per_pixel, "f32", trainable=True))
             return out
 
-        first = tr.activation(tr.group_norm(conv(x, width)), inplace=torch_inplace)
-        second = tr.activation(tr.group_norm(conv(first, width)), inplace=torch_inplace)
+        def conv_norm_act(inp):
+            if tr.attention_kind == "cpu":  # CPU kernels: the conv without bias, then cpu_kernels.head_norm
+                tr.matmul(inp, tr.param(width * width, "f32", trainable=True), n)  # keeps its input
+                tr.keep(tr.new(n, "f32", True))  # bias, norm and activation in one op: it keeps the norm's input
+                return tr.new(n, "f32", True)
+            return tr.activation(tr.group_norm(conv(inp, width)), inplace=torch_inplace)
+
+        first = conv_norm_act(x)
+        second = conv_norm_act(first)
         conv(tr.add(second, first), 1)
         one_head = max(one_head, sum(tr.sizes[sid] for sid in tr.saved.keys() - saved.keys()))
         if tr.head_recompute:

@@ -96,29 +96,47 @@ def test_gelu_tanh_matches_the_formula_and_paddles_gradient(kernels, n):
     np.testing.assert_allclose(fast.numpy(), plain.numpy(), rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("slope", [0.01, 0.2, 1.5])
-def test_leaky_relu_gives_paddles_bits_and_gradient(kernels, slope):
-    """The LeakyReLU kernel (the discriminator heads') against Paddle's ``F.leaky_relu``: the same bits forward and
-    backward (zeros of both signs and NaN included), for any thread count; and ``nn.LeakyReLU`` runs it."""
-    rng = np.random.default_rng(5)
-    values = np.concatenate([rng.standard_normal(4 * 256 * 67) * 3, [0.0, -0.0, np.nan, -1e-40, 1e-40]])
-    x = paddle.to_tensor(values.astype("float32"), stop_gradient=False)
-    grad_out = paddle.to_tensor(rng.standard_normal(values.shape).astype("float32"))
-    plain = F.leaky_relu(x, slope)
-    expected = [plain.numpy(), paddle.grad([plain], [x], [grad_out])[0].numpy()]
-    for threads in (1, 2, 3):
-        fast = kernels.pcm_leaky_relu(x, slope, threads)
-        got = [fast.numpy(), paddle.grad([fast], [x], [grad_out])[0].numpy()]
-        for a, b in zip(got, expected):
-            np.testing.assert_array_equal(a.view("uint32"), b.view("uint32"))
+@pytest.mark.parametrize("batch,width,grid", [(2, 64, (4, 5)), (3, 32, (1, 17))])
+def test_discriminator_head_norm_keeps_the_ops_results(kernels, monkeypatch, batch, width, grid):
+    """A discriminator head with its conv bias, GroupNorm and LeakyReLU as cpu_kernels.head_norm: the same output,
+    input gradient and gradients of every weight but the conv biases, bit for bit, as with the three ops; the conv
+    biases' gradients (the same terms summed in another order) at fp32 roundoff; for any thread count."""
+    from discriminator import DiscriminatorHead
+
+    paddle.seed(batch)
+    head = DiscriminatorHead(width)
+    rng = np.random.default_rng(width)
+    for param in head.parameters():
+        param.set_value(rng.standard_normal(param.shape).astype("float32") * 0.3)
+    tokens = paddle.to_tensor(rng.standard_normal((batch, grid[0] * grid[1], width)).astype("float32"),
+                              stop_gradient=False)
+    names = ["out", "tokens"] + [name for name, _ in head.named_parameters()]
+    runs = cpu_kernels.head_norm_runs
+
+    def run(fused, threads=2):
+        monkeypatch.setattr(cpu_kernels, "threads", lambda: threads)
+        monkeypatch.setattr(cpu_kernels, "head_norm_runs", runs if fused else lambda *a: False)
+        head.clear_gradients()
+        out = head(tokens, *grid)
+        loss = (out * out).mean()
+        (dx,) = paddle.grad([loss], [tokens], retain_graph=True)
+        loss.backward()
+        return dict(zip(names, [out.numpy(), dx.numpy()] + [p.grad.numpy() for p in head.parameters()]))
+
     calls = []
-    original = kernels.pcm_leaky_relu
-    try:
-        kernels.pcm_leaky_relu = lambda *args: calls.append(1) or original(*args)
-        np.testing.assert_array_equal(paddle.nn.LeakyReLU(slope)(x).numpy(), expected[0])
-    finally:
-        kernels.pcm_leaky_relu = original
-    assert calls
+    original = kernels.pcm_head_norm
+    monkeypatch.setattr(kernels, "pcm_head_norm", lambda *args: calls.append(1) or original(*args), raising=False)
+    fused = run(True)
+    assert len(calls) == 2  # both conv blocks
+    plain = run(False)
+    for name in names:
+        if name.endswith("0.bias"):
+            np.testing.assert_allclose(fused[name], plain[name], rtol=1e-5, atol=1e-7)  # ~0 under GroupNorm
+        else:
+            np.testing.assert_array_equal(fused[name], plain[name], err_msg=name)
+    for threads in (1, 3):
+        for name, value in run(True, threads).items():
+            np.testing.assert_array_equal(value, fused[name], err_msg=name)
 
 
 @pytest.mark.parametrize("n", [7, 16, 256])
@@ -662,7 +680,7 @@ def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
 
 def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
     """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, gated-residual,
-    no-grad linear, plain-head, joint-attention and LeakyReLU paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's
+    no-grad linear, plain-head, joint-attention and head-norm paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's
     CFG output, the G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients, the
     fused LayerNorm modulation (on the G step) and the text encoders' fused attention change them only at fp32
     roundoff."""
@@ -670,7 +688,7 @@ def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
 
     results = main(["--teacher", tiny_sd3, "--resolution", "64", "--reps", "1"])["results"]
     for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor", "factor_kernel", "gated_residual",
-                 "no_grad_linear", "plain_heads", "joint_attention", "leaky_relu"):
+                 "no_grad_linear", "plain_heads", "joint_attention", "head_norm"):
         for workload, result in results[path].items():
             assert result["equal"], (path, workload, result["max_difference"])
     fused = results["norm_modulate"]  # the same values; the trained factors' gradient terms added in another order
