@@ -1055,10 +1055,12 @@ PD_BUILD_GRAD_OP(pcm_layer_norm_modulate_frozen)
 // A no-grad Linear, x @ W (+ b) (+ ((x @ A) @ B) * scale for a LoRA layer), as one op: the products through the
 // sgemm call Paddle's matmul makes for a [..., K] x [K, N] product (rows folded, no transposes), the bias and the
 // scaled LoRA term added as Paddle's add and scale ops add them: Paddle's bits (tested), without five op calls.
-std::vector<paddle::Tensor> LinearNoGrad(const paddle::Tensor& x, const paddle::Tensor& weight,
-                                         const paddle::optional<paddle::Tensor>& bias,
-                                         const paddle::optional<paddle::Tensor>& lora_a,
-                                         const paddle::optional<paddle::Tensor>& lora_b, float scale, int64_t threads) {
+// With `h`, also h = x @ A into it (rows x r floats; the LoRA op with gradients keeps it).
+paddle::Tensor linear_product(const paddle::Tensor& x, const paddle::Tensor& weight,
+                              const paddle::optional<paddle::Tensor>& bias,
+                              const paddle::optional<paddle::Tensor>& lora_a,
+                              const paddle::optional<paddle::Tensor>& lora_b, float scale, int64_t threads,
+                              float* h = nullptr) {
   check(x, "X");
   check(weight, "Weight");
   const auto& ws = weight.shape();
@@ -1080,17 +1082,25 @@ std::vector<paddle::Tensor> LinearNoGrad(const paddle::Tensor& x, const paddle::
     const int64_t r = lora_a->shape()[1];
     PD_CHECK(lora_a->shape()[0] == k && lora_b->shape()[0] == r && lora_b->shape()[1] == n,
              "cpu_kernels: linear's LoRA A must be [K, r] and B [r, N]");
-    std::vector<float> h(rows * r), branch(rows * n);
-    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, r, k, 1.0f, x.data<float>(), k, lora_a->data<float>(), r, 0.0f,
-                h.data(), r);
-    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, n, r, 1.0f, h.data(), r, lora_b->data<float>(), n, 0.0f,
-                branch.data(), n);
+    std::vector<float> own_h(h ? 0 : rows * r), branch(rows * n);
+    if (!h) h = own_h.data();
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, r, k, 1.0f, x.data<float>(), k, lora_a->data<float>(), r, 0.0f, h,
+                r);
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, n, r, 1.0f, h, r, lora_b->data<float>(), n, 0.0f, branch.data(),
+                n);
     const float* tp = branch.data();
     parallel_rows(rows, n, threads, [&](int64_t begin, int64_t end) {
       elementwise(op, tp, op, begin * n, end * n, [scale](vfloat a, vfloat t) { return a + (t * scale + 0.0f); });
     });
   }
-  return {out};
+  return out;
+}
+
+std::vector<paddle::Tensor> LinearNoGrad(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                         const paddle::optional<paddle::Tensor>& bias,
+                                         const paddle::optional<paddle::Tensor>& lora_a,
+                                         const paddle::optional<paddle::Tensor>& lora_b, float scale, int64_t threads) {
+  return {linear_product(x, weight, bias, lora_a, lora_b, scale, threads)};
 }
 
 PD_BUILD_OP(pcm_linear)
@@ -1098,6 +1108,130 @@ PD_BUILD_OP(pcm_linear)
     .Outputs({"Out"})
     .Attrs({"scale: float", "threads: int64_t"})
     .SetKernelFn(PD_KERNEL(LinearNoGrad));
+
+// A frozen Linear with gradients where only its input needs one, as one op each way (frozen_linear's CPU float32
+// path): forward is LinearNoGrad's; backward dx = dout @ W^T by the sgemm call Paddle's matmul makes. Keeps only W.
+std::vector<paddle::Tensor> FrozenLinearForward(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                                const paddle::optional<paddle::Tensor>& bias, int64_t threads) {
+  return {linear_product(x, weight, bias, paddle::none, paddle::none, 1.0f, threads)};
+}
+
+// dx = dout @ W^T for dout [..., N] and W [K, N] (rows folded): the sgemm call of Paddle's matmul with transpose_y.
+paddle::Tensor input_gradient(const paddle::Tensor& grad_out, const paddle::Tensor& weight) {
+  const int64_t k = weight.shape()[0], n = weight.shape()[1], rows = grad_out.numel() / n;
+  std::vector<int64_t> shape = grad_out.shape();
+  shape.back() = k;
+  auto dx = paddle::empty(shape, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, k, n, 1.0f, grad_out.data<float>(), n, weight.data<float>(), n, 0.0f,
+              dx.data<float>(), k);
+  return dx;
+}
+
+std::vector<paddle::Tensor> FrozenLinearBackward(const paddle::Tensor& weight, const paddle::Tensor& grad_out,
+                                                 int64_t threads) {
+  check(grad_out, "Out@GRAD");
+  return {input_gradient(grad_out, weight)};
+}
+
+PD_BUILD_OP(pcm_frozen_linear)
+    .Inputs({"X", "Weight", paddle::Optional("Bias")})
+    .Outputs({"Out"})
+    .Attrs({"threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(FrozenLinearForward));
+
+PD_BUILD_GRAD_OP(pcm_frozen_linear)
+    .Inputs({"Weight", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .Attrs({"threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(FrozenLinearBackward));
+
+// A LoRA Linear with a frozen base and a trained adapter, x @ W + b + ((x @ A) @ B) * scale, as one op each way
+// (frozen_linear.LoraLinear's ops): forward is LinearNoGrad's, also returning h = x @ A, which backward needs with x.
+// Backward: g = dout * scale (Paddle's scale op), dB = h^T g, dh = g B^T, dA = (dh^T x)^T, and, where the input needs
+// one (pcm_lora_linear; else pcm_lora_adapter_linear), dx = dout W^T + dh A^T: the sgemm calls and sums of
+// LoraLinear's Paddle ops.
+std::vector<paddle::Tensor> LoraLinearForward(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                              const paddle::optional<paddle::Tensor>& bias,
+                                              const paddle::Tensor& lora_a, const paddle::Tensor& lora_b, float scale,
+                                              int64_t threads) {
+  const int64_t k = weight.shape()[0], r = lora_a.shape()[1], rows = x.numel() / k;
+  auto h = paddle::empty({rows, r}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  return {linear_product(x, weight, bias, lora_a, lora_b, scale, threads, h.data<float>()), h};
+}
+
+// dA and dB, then (with input_grad) dx.
+std::vector<paddle::Tensor> lora_gradients(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                           const paddle::Tensor& lora_a, const paddle::Tensor& lora_b,
+                                           const paddle::Tensor& h, const paddle::Tensor& grad_out, float scale,
+                                           bool input_grad, int64_t threads) {
+  check(grad_out, "Out@GRAD");
+  const int64_t k = weight.shape()[0], n = weight.shape()[1], r = lora_a.shape()[1], rows = x.numel() / k;
+  std::vector<float> g(rows * n), dh(rows * r), da_t(r * k);
+  const float* gp = grad_out.data<float>();
+  float* sp = g.data();
+  parallel_rows(rows, n, threads, [&](int64_t begin, int64_t end) {
+    elementwise(gp, nullptr, sp, begin * n, end * n, [scale](vfloat v, vfloat) { return v * scale + 0.0f; });
+  });
+  auto db = paddle::empty({r, n}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  auto da = paddle::empty({k, r}, paddle::DataType::FLOAT32, paddle::CPUPlace());
+  cblas_sgemm(kRowMajor, kTrans, kNoTrans, r, n, rows, 1.0f, h.data<float>(), r, sp, n, 0.0f, db.data<float>(), n);
+  cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, r, n, 1.0f, sp, n, lora_b.data<float>(), n, 0.0f, dh.data(), r);
+  // dA = x^T dh as (dh^T x)^T: MKL's [r, rows] x [rows, K] product is 2-3x faster than one with r outputs
+  cblas_sgemm(kRowMajor, kTrans, kNoTrans, r, k, rows, 1.0f, dh.data(), r, x.data<float>(), k, 0.0f, da_t.data(), k);
+  float* dap = da.data<float>();
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < r; ++j) dap[i * r + j] = da_t[j * k + i];
+  if (!input_grad) return {da, db};
+  auto dx = input_gradient(grad_out, weight);
+  std::vector<float> branch(rows * k);
+  cblas_sgemm(kRowMajor, kNoTrans, kTrans, rows, k, r, 1.0f, dh.data(), r, lora_a.data<float>(), r, 0.0f,
+              branch.data(), k);
+  float* dxp = dx.data<float>();
+  const float* bp = branch.data();
+  parallel_rows(rows, k, threads, [&](int64_t begin, int64_t end) {
+    elementwise(dxp, bp, dxp, begin * k, end * k, [](vfloat a, vfloat b) { return a + b; });
+  });
+  return {dx, da, db};
+}
+
+std::vector<paddle::Tensor> LoraLinearBackward(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                               const paddle::Tensor& lora_a, const paddle::Tensor& lora_b,
+                                               const paddle::Tensor& h, const paddle::Tensor& grad_out, float scale,
+                                               int64_t threads) {
+  return lora_gradients(x, weight, lora_a, lora_b, h, grad_out, scale, true, threads);
+}
+
+std::vector<paddle::Tensor> LoraAdapterBackward(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                                const paddle::Tensor& lora_a, const paddle::Tensor& lora_b,
+                                                const paddle::Tensor& h, const paddle::Tensor& grad_out, float scale,
+                                                int64_t threads) {
+  return lora_gradients(x, weight, lora_a, lora_b, h, grad_out, scale, false, threads);
+}
+
+PD_BUILD_OP(pcm_lora_linear)
+    .Inputs({"X", "Weight", paddle::Optional("Bias"), "LoraA", "LoraB"})
+    .Outputs({"Out", "H"})
+    .Attrs({"scale: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(LoraLinearForward));
+
+PD_BUILD_GRAD_OP(pcm_lora_linear)
+    .Inputs({"X", "Weight", "LoraA", "LoraB", "H", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("LoraA"), paddle::Grad("LoraB")})
+    .Attrs({"scale: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(LoraLinearBackward));
+
+// The same where the input needs no gradient (the student's context embedder): the adapter's gradients only.
+PD_BUILD_OP(pcm_lora_adapter_linear)
+    .Inputs({"X", "Weight", paddle::Optional("Bias"), "LoraA", "LoraB"})
+    .Outputs({"Out", "H"})
+    .Attrs({"scale: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(LoraLinearForward));
+
+PD_BUILD_GRAD_OP(pcm_lora_adapter_linear)
+    .Inputs({"X", "Weight", "LoraA", "LoraB", "H", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("LoraA"), paddle::Grad("LoraB")})
+    .Attrs({"scale: float", "threads: int64_t"})
+    .SetKernelFn(PD_KERNEL(LoraAdapterBackward));
 
 PD_BUILD_OP(pcm_attention_with_bias)
     .Inputs({"Q", "K", "V", "Bias"})

@@ -214,6 +214,27 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias=None, lora_a=None, lora
     return kernels().pcm_linear(_contiguous(x), weight, bias, lora_a, lora_b, float(scale), threads())
 
 
+def frozen_linear_runs(x: paddle.Tensor, weight: paddle.Tensor, *others) -> bool:
+    """Whether :func:`frozen_linear` / :func:`lora_linear` take ``x @ weight`` with ``others`` (bias, LoRA A and B;
+    ``None`` entries ignored): CPU float32 where the kernels have MKL, a 2-D weight."""
+    return (_runs_here(x) and has_fused_attention() and len(weight.shape) == 2
+            and all(t is None or t.dtype == paddle.float32 for t in (weight, *others)))
+
+
+def frozen_linear(x: paddle.Tensor, weight: paddle.Tensor, bias=None) -> paddle.Tensor:
+    """``x @ weight + bias`` with a gradient for ``x`` only, as one op each way, keeping only ``weight`` (``frozen_linear``'s
+    ``FrozenWeightLinear`` on CPU): Paddle's bits forward and backward (see :func:`frozen_linear_runs`)."""
+    return kernels().pcm_frozen_linear(_contiguous(x), weight, bias, threads())
+
+
+def lora_linear(x: paddle.Tensor, weight: paddle.Tensor, bias, lora_a: paddle.Tensor, lora_b: paddle.Tensor,
+                scale: float) -> paddle.Tensor:
+    """A LoRA Linear with a frozen base and a trained adapter, ``x @ W + b + ((x @ A) @ B) * scale``, as one op each
+    way, keeping ``x`` and ``x @ A`` (``frozen_linear.LoraLinear``'s ops and bits; see :func:`frozen_linear_runs`)."""
+    op = kernels().pcm_lora_adapter_linear if x.stop_gradient else kernels().pcm_lora_linear
+    return op(_contiguous(x), weight, bias, lora_a, lora_b, float(scale), threads())[0]
+
+
 def gated_residual_runs(x: paddle.Tensor, gate: paddle.Tensor, y: paddle.Tensor) -> bool:
     """Whether :func:`gated_residual` takes these: CPU float32 ``x`` and ``y`` ``[B, N, D]``, ``gate`` ``[B, D]``,
     and no gradient to compute."""

@@ -9,7 +9,9 @@ frozen base layers inside the student's LoRA layers (see ``scripts/memory_budget
 
 :func:`install` routes exactly those calls (grad enabled, input needs a gradient, weight and bias frozen)
 through :class:`FrozenWeightLinear`: the same forward op, and a backward that is the op Paddle's own
-``matmul`` backward runs for the input, so losses and gradients are bit-identical (tested in fp32).
+``matmul`` backward runs for the input, so losses and gradients are bit-identical (tested in fp32). On CPU in
+float32 the same computation runs as one compiled op each way (``cpu_kernels.frozen_linear``; likewise
+:class:`LoraLinear` as ``cpu_kernels.lora_linear``): the same bits without a Python call per layer in backward.
 Every other call (trainable weights, no-grad passes, frozen inputs) runs ``nn.Linear.forward`` unchanged.
 It also installs ``frozen_ops``, the same idea for the SD3 blocks' multiplies by frozen AdaLN factors.
 
@@ -25,6 +27,7 @@ import weakref
 import paddle
 from paddle.autograd import PyLayer
 
+import cpu_kernels
 import frozen_ops
 
 
@@ -119,6 +122,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float):
             or not x.place.is_cpu_place() or not _is_frozen(weight) or not _is_frozen(bias)
             or lora_a.stop_gradient or lora_b.stop_gradient):
         return None
+    if cpu_kernels.frozen_linear_runs(x, weight, bias, lora_a, lora_b):  # float32: the node's ops as one compiled op
+        return cpu_kernels.lora_linear(x, weight, bias, lora_a, lora_b, scale)
     return LoraLinear.apply(x, weight, bias, lora_a, lora_b, scale)
 
 
@@ -160,6 +165,8 @@ def linear_forward(self, input):
     with a frozen bias added expanded on CPU (``frozen_ops.linear``)."""
     if input.stop_gradient or not _is_frozen(self.weight) or not _is_frozen(self.bias) or not paddle.is_grad_enabled():
         return frozen_ops.linear(input, self.weight, self.bias)
+    if cpu_kernels.frozen_linear_runs(input, self.weight, self.bias):  # float32: one compiled op each way, same bits
+        return cpu_kernels.frozen_linear(input, self.weight, self.bias)
     if self.bias is None:
         return FrozenWeightLinear.apply(input, self.weight)
     return FrozenWeightLinear.apply(input, self.weight, self.bias)

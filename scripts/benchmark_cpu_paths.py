@@ -35,7 +35,9 @@ The fast paths (all on in every entry point; each is switched off alone, the oth
 - ``joint_attention``: the SD3 blocks' image and context q, k, v through ``cpu_kernels.joint_attention`` as separate
   parts instead of concatenated before the fused attention and its output split after;
 - ``head_norm``: the discriminator heads' conv bias, GroupNorm and LeakyReLU as ``cpu_kernels.head_norm`` (one op
-  each way) instead of the three ops.
+  each way) instead of the three ops;
+- ``compiled_linear``: frozen Linear layers and LoRA layers with gradients as ``cpu_kernels.frozen_linear`` and
+  ``cpu_kernels.lora_linear`` (one compiled op each way) instead of ``frozen_linear``'s Python nodes.
 
 Workloads (fp32, no autocast): ``text_encode`` (the three text encoders on two captions), ``vae_encode`` (the VAE
 encoder, batch 2), ``teacher_cfg`` (the transformer forward without gradients, batch 4: the teacher's cond +
@@ -115,6 +117,8 @@ def switched_off(path: str):
         set_attr(cpu_kernels, "joint_attention_runs", lambda *parts: False)
     elif path == "head_norm":
         set_attr(cpu_kernels, "head_norm_runs", lambda *args: False)
+    elif path == "compiled_linear":
+        set_attr(cpu_kernels, "frozen_linear_runs", lambda *args: False)
     else:
         raise ValueError(f"unknown fast path {path!r}")
     try:
@@ -126,7 +130,7 @@ def switched_off(path: str):
 
 PATHS = ["cpu_kernels", "fused_attention", "direct_conv", "conv_bias_and_pad", "linear_bias", "trainable_factor",
          "factor_kernel", "norm_modulate", "gated_residual", "no_grad_linear", "fused_lora_with_grad", "plain_heads",
-         "text_attention", "joint_attention", "head_norm"]
+         "text_attention", "joint_attention", "head_norm", "compiled_linear"]
 
 
 def frozen_transformer(path):

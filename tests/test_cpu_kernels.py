@@ -230,6 +230,46 @@ def test_fused_attention_matches_the_exact_one_and_does_not_depend_on_threads(ke
         np.testing.assert_allclose(fast, exact, rtol=1e-4, atol=2e-5 * np.abs(exact).max())
 
 
+# x, output width, bias, whether x needs a gradient
+LINEAR_CASES = [((2, 154, 64), 96, True, True), ((2, 64, 96), 256, False, True), ((2, 154, 64), 64, True, False),
+                ((2, 6), 12, True, True)]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_compiled_linear_layers_give_the_bits_of_frozen_linears_nodes(kernels, case):
+    """cpu_kernels.lora_linear and cpu_kernels.frozen_linear: the output and every gradient (input, LoRA A and B)
+    bit for bit as frozen_linear's LoraLinear and FrozenWeightLinear nodes, whose ops they run."""
+    import frozen_linear
+
+    if not cpu_kernels.has_fused_attention():
+        pytest.skip("Paddle ships no MKL here: no compiled linear")
+    shape, width, with_bias, input_grad = case
+    rng = np.random.default_rng(width)
+
+    def tensor(*dims, trains=False):
+        return paddle.to_tensor(rng.standard_normal(dims).astype("float32") * 0.3, stop_gradient=not trains)
+
+    x = tensor(*shape, trains=input_grad)
+    weight, bias = tensor(shape[-1], width), tensor(width) if with_bias else None
+    lora_a, lora_b = tensor(shape[-1], 4, trains=True), tensor(4, width, trains=True)
+    grad_out = tensor(*shape[:-1], width)
+
+    def run(layer, *args):
+        out = layer(*args)
+        inputs = [t for t in (x, lora_a, lora_b) if not t.stop_gradient and any(t is a for a in args)]
+        return [out.numpy()] + [g.numpy() for g in paddle.grad([out], inputs, [grad_out])]
+
+    pairs = [(run(cpu_kernels.lora_linear, x, weight, bias, lora_a, lora_b, 0.25),
+              run(frozen_linear.LoraLinear.apply, x, weight, bias, lora_a, lora_b, 0.25))]
+    if input_grad:
+        node_args = (x, weight) if bias is None else (x, weight, bias)
+        pairs.append((run(cpu_kernels.frozen_linear, x, weight, bias), run(frozen_linear.FrozenWeightLinear.apply, *node_args)))
+    for compiled, node in pairs:
+        assert len(compiled) == len(node)
+        for a, b in zip(compiled, node):
+            np.testing.assert_array_equal(a, b)
+
+
 # image and context tokens: SD3's at 128 px (64 + 154), query blocks across the parts' border, one-token parts
 JOINT_SHAPES = [(2, 64, 154, 4, 8), (1, 70, 9, 2, 24), (2, 1, 1, 3, 16)]
 
@@ -680,7 +720,7 @@ def test_without_the_kernel_paddles_softmax_runs(tmp_path, case):
 
 def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
     """scripts/benchmark_cpu_paths.py on the tiny teacher: switching the bias, padding, AdaLN-factor, gated-residual,
-    no-grad linear, plain-head, joint-attention and head-norm paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's
+    no-grad linear, plain-head, joint-attention, head-norm and compiled-linear paths off changes no bit of the prompt embeddings, the VAE latents, the teacher's
     CFG output, the G step's loss and LoRA gradients; the compiled kernels, the fused LoRA node with gradients, the
     fused LayerNorm modulation (on the G step) and the text encoders' fused attention change them only at fp32
     roundoff."""
@@ -688,7 +728,7 @@ def test_each_cpu_fast_path_keeps_the_results_it_claims(tiny_sd3):
 
     results = main(["--teacher", tiny_sd3, "--resolution", "64", "--reps", "1"])["results"]
     for path in ("conv_bias_and_pad", "linear_bias", "trainable_factor", "factor_kernel", "gated_residual",
-                 "no_grad_linear", "plain_heads", "joint_attention", "head_norm"):
+                 "no_grad_linear", "plain_heads", "joint_attention", "head_norm", "compiled_linear"):
         for workload, result in results[path].items():
             assert result["equal"], (path, workload, result["max_difference"])
     fused = results["norm_modulate"]  # the same values; the trained factors' gradient terms added in another order

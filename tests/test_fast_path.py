@@ -11,6 +11,7 @@ import pytest
 from conftest import run_python
 from safetensors.numpy import load_file
 
+import cpu_kernels
 import frozen_linear
 import frozen_ops
 import memory_budget
@@ -166,14 +167,16 @@ def test_no_grad_lora_layers_run_fused_with_the_same_bits(tiny_sd3, monkeypatch)
 
 
 def test_fused_lora_layers_with_gradients_keep_the_same_and_match_layer_by_layer(tiny_sd3, monkeypatch):
-    """The student's G-step forward on CPU runs every LoRA Linear as one node (frozen_linear.LoraLinear): the same
+    """The student's G-step forward on CPU runs every LoRA Linear as one node (frozen_linear.LoraLinear, or its
+    compiled op): the same
     output bit for bit, the same bytes kept for backward, and the LoRA gradients layer by layer's within fp32
     roundoff (the input's two gradient terms are summed in the node, not among the input's other consumers)."""
     student, inputs = _lora_student_and_inputs(tiny_sd3, lora_seed=5, input_seed=6, timestep=300.0)
     lora = [p for p in student.parameters() if not p.stop_gradient]
     calls = []
-    apply = frozen_linear.LoraLinear.apply
+    apply, compiled = frozen_linear.LoraLinear.apply, cpu_kernels.lora_linear  # the node, or its compiled op
     monkeypatch.setattr(frozen_linear.LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(cpu_kernels, "lora_linear", lambda *a: calls.append(1) or compiled(*a))
     results = {}
     for fused in (True, False):
         monkeypatch.setattr(frozen_linear, "FUSE_LORA_WITH_GRAD", fused)
