@@ -748,7 +748,7 @@ std::vector<paddle::Tensor> AttentionBackward(const paddle::Tensor& q, const pad
 }
 
 // Joint attention (the SD3 blocks'): attention over the image tokens followed by the context tokens, from their
-// separate projections (q, k, v of each part: [batch, tokens_i, heads, head_dim]) into separate outputs, without the
+// separate projections (q, k, v of each part: [batch, tokens_i, heads * head_dim]) into separate outputs, without the
 // concatenation's and the split's copies. One task per (batch, head): its rows of both parts are gathered into
 // contiguous [tokens, head_dim] matrices, run through attention_block / attention_grad_head as one head of one image,
 // and scattered back: the same products as the attention over the concatenated tokens (the same bits, tested).
@@ -759,13 +759,14 @@ struct JointParts {
   int64_t head_floats() const { return total() * dim; }
 };
 
-JointParts joint_parts(const paddle::Tensor& a, const paddle::Tensor& b) {
+// Parts [batch, tokens, heads * head_dim] (the projections as they come: the same memory as [.., heads, head_dim]).
+JointParts joint_parts(const paddle::Tensor& a, const paddle::Tensor& b, int64_t heads) {
   check(a, "the image part");
   check(b, "the context part");
   const auto &sa = a.shape(), &sb = b.shape();
-  PD_CHECK(sa.size() == 4 && sb.size() == 4 && sa[0] == sb[0] && sa[2] == sb[2] && sa[3] == sb[3],
-           "cpu_kernels: joint attention takes [batch, tokens, heads, head_dim] parts of one batch, heads and dim");
-  return {{&a, &b}, sa[0], {sa[1], sb[1]}, sa[2], sa[3]};
+  PD_CHECK(sa.size() == 3 && sb.size() == 3 && sa[0] == sb[0] && sa[2] == sb[2] && heads > 0 && sa[2] % heads == 0,
+           "cpu_kernels: joint attention takes [batch, tokens, heads * head_dim] parts of one batch and width");
+  return {{&a, &b}, sa[0], {sa[1], sb[1]}, heads, sa[2] / heads};
 }
 
 // Head h of image b of the two parts (tensors of the parts' shape) into `rows` [tokens, dim], or back.
@@ -785,10 +786,10 @@ void scatter_head(const JointParts& p, const float* rows, int64_t b, int64_t h, 
 
 std::vector<paddle::Tensor> JointAttentionForward(const paddle::Tensor& q1, const paddle::Tensor& k1,
                                                   const paddle::Tensor& v1, const paddle::Tensor& q2,
-                                                  const paddle::Tensor& k2, const paddle::Tensor& v2, float scale,
-                                                  int64_t threads) {
-  const JointParts p = joint_parts(q1, q2);
-  const JointParts kp = joint_parts(k1, k2), vp = joint_parts(v1, v2);
+                                                  const paddle::Tensor& k2, const paddle::Tensor& v2, int64_t heads,
+                                                  float scale, int64_t threads) {
+  const JointParts p = joint_parts(q1, q2, heads);
+  const JointParts kp = joint_parts(k1, k2, heads), vp = joint_parts(v1, v2, heads);
   PD_CHECK(kp.tokens[0] == p.tokens[0] && kp.tokens[1] == p.tokens[1] && vp.tokens[0] == p.tokens[0] &&
                vp.tokens[1] == p.tokens[1] && kp.heads == p.heads && vp.heads == p.heads && kp.dim == p.dim &&
                vp.dim == p.dim,
@@ -829,9 +830,9 @@ paddle::Tensor gradient_or_zeros(const paddle::Tensor& grad, const paddle::Tenso
 std::vector<paddle::Tensor> JointAttentionBackward(
     const paddle::Tensor& q1, const paddle::Tensor& k1, const paddle::Tensor& v1, const paddle::Tensor& q2,
     const paddle::Tensor& k2, const paddle::Tensor& v2, const paddle::Tensor& out1, const paddle::Tensor& out2,
-    const paddle::Tensor& lse, const paddle::Tensor& grad_out1, const paddle::Tensor& grad_out2, float scale,
-    int64_t threads) {
-  const JointParts p = joint_parts(q1, q2);
+    const paddle::Tensor& lse, const paddle::Tensor& grad_out1, const paddle::Tensor& grad_out2, int64_t heads,
+    float scale, int64_t threads) {
+  const JointParts p = joint_parts(q1, q2, heads);
   const paddle::Tensor g1 = gradient_or_zeros(grad_out1, out1), g2 = gradient_or_zeros(grad_out2, out2);
   std::vector<paddle::Tensor> grads;
   for (const auto* t : {&q1, &k1, &v1, &q2, &k2, &v2}) grads.push_back(paddle::empty_like(*t));
@@ -1254,14 +1255,14 @@ PD_BUILD_GRAD_OP(pcm_attention)
 PD_BUILD_OP(pcm_joint_attention)
     .Inputs({"Q1", "K1", "V1", "Q2", "K2", "V2"})
     .Outputs({"Out1", "Out2", "Lse"})
-    .Attrs({"scale: float", "threads: int64_t"})
+    .Attrs({"heads: int64_t", "scale: float", "threads: int64_t"})
     .SetKernelFn(PD_KERNEL(JointAttentionForward));
 
 PD_BUILD_GRAD_OP(pcm_joint_attention)
     .Inputs({"Q1", "K1", "V1", "Q2", "K2", "V2", "Out1", "Out2", "Lse", paddle::Grad("Out1"), paddle::Grad("Out2")})
     .Outputs({paddle::Grad("Q1"), paddle::Grad("K1"), paddle::Grad("V1"), paddle::Grad("Q2"), paddle::Grad("K2"),
               paddle::Grad("V2")})
-    .Attrs({"scale: float", "threads: int64_t"})
+    .Attrs({"heads: int64_t", "scale: float", "threads: int64_t"})
     .SetKernelFn(PD_KERNEL(JointAttentionBackward));
 #endif  // PCM_WITH_MKL
 

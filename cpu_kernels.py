@@ -175,17 +175,18 @@ def attention(query: paddle.Tensor, key: paddle.Tensor, value: paddle.Tensor, sc
 
 
 def joint_attention_runs(*parts: paddle.Tensor) -> bool:
-    """Whether :func:`joint_attention` takes these image and context q, k, v (see :func:`fused_attention_runs`)."""
-    return len(parts) == 6 and fused_attention_runs(*parts[:3]) and fused_attention_runs(*parts[3:])
+    """Whether :func:`joint_attention` takes these image and context q, k, v (``[batch, tokens, width]``, CPU float32)."""
+    return (len(parts) == 6 and all(t.dtype == paddle.float32 and t.place.is_cpu_place() and len(t.shape) == 3
+                                    and 0 not in t.shape for t in parts) and has_fused_attention())
 
 
-def joint_attention(query, key, value, context_query, context_key, context_value, scale: float) -> tuple:
+def joint_attention(query, key, value, context_query, context_key, context_value, heads: int, scale: float) -> tuple:
     """:func:`attention` over the image tokens followed by the context tokens (the SD3 blocks' joint attention) from
-    their separate ``[batch, tokens, heads, head_dim]`` projections, into the two parts' outputs: the same values as
-    :func:`attention` on the concatenated tokens, without the concatenation and the split (see
-    :func:`joint_attention_runs`)."""
+    their separate ``[batch, tokens, heads * head_dim]`` projections, into the two parts' outputs (the same shape):
+    the same values as :func:`attention` on the concatenated tokens, without the concatenation, the split and the
+    reshapes into heads (see :func:`joint_attention_runs`)."""
     parts = (_contiguous(t) for t in (query, key, value, context_query, context_key, context_value))
-    image, context, _ = kernels().pcm_joint_attention(*parts, float(scale), threads())
+    image, context, _ = kernels().pcm_joint_attention(*parts, int(heads), float(scale), threads())
     return image, context
 
 

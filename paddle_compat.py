@@ -779,18 +779,18 @@ def _patch_lora_scaling() -> bool:
 # same bits as the fused attention on the concatenation (tested). Elsewhere the same steps as upstream. The processor
 # also runs SD3.5's per-head q/k norms where the attention has them (``sd35_transformer``), and image-only attention
 # (SD3.5's ``attn2``) without ``encoder_hidden_states``.
-def joint_attention(query, key, value, context_query=None, context_key=None, context_value=None):
-    """Attention over the image tokens followed by the context tokens (all ``[B, N, heads, head_dim]``), split into
-    the image and context outputs ``[B, N, heads * head_dim]`` (the image output alone without a context)."""
-    batch, num_image_tokens, heads, head_dim = query.shape
+def joint_attention(heads, query, key, value, context_query=None, context_key=None, context_value=None):
+    """Attention over the image tokens followed by the context tokens (all ``[B, N, heads * head_dim]``), split into
+    the image and context outputs of the same shape (the image output alone without a context)."""
     parts = (query, key, value, context_query, context_key, context_value)
     if context_query is not None and cpu_kernels.joint_attention_runs(*parts):
-        image, context = cpu_kernels.joint_attention(*parts, 1.0 / math.sqrt(head_dim))
-        return image.reshape([batch, -1, heads * head_dim]), context.reshape([batch, -1, heads * head_dim])
+        return cpu_kernels.joint_attention(*parts, heads, 1.0 / math.sqrt(query.shape[-1] // heads))
+    batch, num_image_tokens, width = query.shape
     if context_query is not None:
         query, key, value = (paddle.concat([parts[i], parts[i + 3]], axis=1) for i in range(3))
+    query, key, value = (t.reshape([batch, -1, heads, width // heads]) for t in (query, key, value))
     out = F.scaled_dot_product_attention_(query, key, value, dropout_p=0.0, is_causal=False)
-    out = out.reshape([batch, -1, heads * head_dim]).astype(query.dtype)
+    out = out.reshape([batch, -1, width]).astype(query.dtype)
     if context_query is None:
         return out
     return out[:, :num_image_tokens], out[:, num_image_tokens:]
@@ -804,21 +804,24 @@ def joint_attn_processor_call(self, attn, hidden_states, encoder_hidden_states=N
             encoder_hidden_states is not None and encoder_hidden_states.ndim != 3):
         return _UPSTREAM_JOINT_ATTN_CALL[0](self, attn, hidden_states, encoder_hidden_states, attention_mask, *args,
                                             **kwargs)
-    batch, heads = hidden_states.shape[0], attn.heads
+    heads = attn.heads
 
-    def heads_of(x, norm=None):  # [B, N, H * D] -> [B, N, H, D], then the per-head norm
-        x = x.reshape([batch, -1, heads, x.shape[-1] // heads])
-        return x if norm is None else norm(x)
+    def project(layer, x, norm_name=None):  # with the per-head norm where the attention has one (SD3.5)
+        x = layer(x)
+        norm = getattr(attn, norm_name, None) if norm_name else None
+        if norm is None:
+            return x
+        batch, tokens, width = x.shape
+        return norm(x.reshape([batch, tokens, heads, width // heads])).reshape([batch, tokens, width])
 
-    image_qkv = (heads_of(attn.to_q(hidden_states), getattr(attn, "norm_q", None)),
-                 heads_of(attn.to_k(hidden_states), getattr(attn, "norm_k", None)),
-                 heads_of(attn.to_v(hidden_states)))
+    image_qkv = (project(attn.to_q, hidden_states, "norm_q"), project(attn.to_k, hidden_states, "norm_k"),
+                 project(attn.to_v, hidden_states))
     if encoder_hidden_states is None:
-        return attn.to_out[1](attn.to_out[0](joint_attention(*image_qkv)))
-    context_qkv = (heads_of(attn.add_q_proj(encoder_hidden_states), getattr(attn, "norm_added_q", None)),
-                   heads_of(attn.add_k_proj(encoder_hidden_states), getattr(attn, "norm_added_k", None)),
-                   heads_of(attn.add_v_proj(encoder_hidden_states)))
-    image, context = joint_attention(*image_qkv, *context_qkv)
+        return attn.to_out[1](attn.to_out[0](joint_attention(heads, *image_qkv)))
+    context_qkv = (project(attn.add_q_proj, encoder_hidden_states, "norm_added_q"),
+                   project(attn.add_k_proj, encoder_hidden_states, "norm_added_k"),
+                   project(attn.add_v_proj, encoder_hidden_states))
+    image, context = joint_attention(heads, *image_qkv, *context_qkv)
     image = attn.to_out[1](attn.to_out[0](image))
     return image, (context if attn.context_pre_only else attn.to_add_out(context))
 

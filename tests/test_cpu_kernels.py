@@ -283,18 +283,19 @@ def test_joint_attention_gives_the_bits_of_the_attention_on_the_concatenation(ke
         pytest.skip("Paddle ships no MKL here: no fused attention")
     batch, image, context, heads, dim = shape
     rng = np.random.default_rng(image)
-    arrays = [rng.standard_normal((batch, n, heads, dim)).astype("float32") for n in (image,) * 3 + (context,) * 3]
-    grad_image, grad_context = (paddle.to_tensor(rng.standard_normal((batch, n, heads, dim)).astype("float32"))
+    width = heads * dim  # the parts as projected: [batch, tokens, heads * head_dim]
+    arrays = [rng.standard_normal((batch, n, width)).astype("float32") for n in (image,) * 3 + (context,) * 3]
+    grad_image, grad_context = (paddle.to_tensor(rng.standard_normal((batch, n, width)).astype("float32"))
                                 for n in (image, context))
     scale = dim ** -0.5
 
     def run(joint, threads, context_used=True):
         parts = [paddle.to_tensor(a, stop_gradient=False) for a in arrays]
         if joint:
-            out_image, out_context, _ = kernels.pcm_joint_attention(*parts, scale, threads)
+            out_image, out_context, _ = kernels.pcm_joint_attention(*parts, heads, scale, threads)
         else:
-            out = kernels.pcm_attention(*(paddle.concat([parts[i], parts[i + 3]], axis=1) for i in range(3)),
-                                        scale, threads)[0]
+            qkv = (paddle.concat([parts[i], parts[i + 3]], axis=1).reshape([batch, -1, heads, dim]) for i in range(3))
+            out = kernels.pcm_attention(*qkv, scale, threads)[0].reshape([batch, -1, width])
             out_image, out_context = out[:, :image], out[:, image:]
         outputs, grads = ([out_image, out_context], [grad_image, grad_context]) if context_used else ([out_image], [grad_image])
         return [t.numpy() for t in (out_image, out_context, *paddle.grad(outputs, parts, grads))]
