@@ -39,19 +39,28 @@ class DiscriminatorHead(nn.Layer):
         batch, num_tokens, channels = tokens.shape
         if num_tokens != grid_height * grid_width:
             raise ValueError(f"{num_tokens} tokens do not form a {grid_height}x{grid_width} grid")
-        x = tokens.transpose([0, 2, 1]).reshape([batch, channels, grid_height, grid_width])
-        x = _conv_norm_act(self.conv1, x)
+        shape = [batch, channels, grid_height, grid_width]
+        conv, norm, act = self.conv1
+        if _fused(self.conv1, tokens):  # the first 1x1 conv straight from the tokens, W x tokens^T: no transposed copy
+            x = paddle.matmul(conv.weight.reshape([channels, channels]), tokens, transpose_y=True).reshape(shape)
+            x = cpu_kernels.head_norm(x, conv.bias, norm, act._negative_slope)
+        else:
+            x = self.conv1(tokens.transpose([0, 2, 1]).reshape(shape))
         x = _conv_norm_act(self.conv2, x) + x
         return self.conv_out(x)
+
+
+def _fused(block: nn.Sequential, x: paddle.Tensor) -> bool:
+    conv, norm, act = block
+    return cpu_kernels.head_norm_runs(x, norm, act._negative_slope, conv.bias, norm.weight, norm.bias)
 
 
 def _conv_norm_act(block: nn.Sequential, x: paddle.Tensor) -> paddle.Tensor:
     """``block(x)`` (1x1 conv, GroupNorm, LeakyReLU); on CPU float32 the convolution without its bias, then
     ``cpu_kernels.head_norm`` (bias, norm and activation as one op: the same values and gradients)."""
     conv, norm, act = block
-    slope = act._negative_slope
-    if cpu_kernels.head_norm_runs(x, norm, slope, conv.bias, norm.weight, norm.bias):
-        return cpu_kernels.head_norm(F.conv2d(x, conv.weight), conv.bias, norm, slope)
+    if _fused(block, x):
+        return cpu_kernels.head_norm(F.conv2d(x, conv.weight), conv.bias, norm, act._negative_slope)
     return block(x)
 
 
