@@ -1221,7 +1221,8 @@ PD_BUILD_GRAD_OP(pcm_lora_linear)
     .Attrs({"scale: float", "threads: int64_t"})
     .SetKernelFn(PD_KERNEL(LoraLinearBackward));
 
-// The same where the input needs no gradient (the student's context embedder): the adapter's gradients only.
+// The same where the input needs no gradient (the student's embedders: context, pooled text, timestep): the
+// adapter's gradients only.
 PD_BUILD_OP(pcm_lora_adapter_linear)
     .Inputs({"X", "Weight", paddle::Optional("Bias"), "LoraA", "LoraB"})
     .Outputs({"Out", "H"})
