@@ -753,7 +753,6 @@ std::vector<paddle::Tensor> AttentionBackward(const paddle::Tensor& q, const pad
 // contiguous [tokens, head_dim] matrices, run through attention_block / attention_grad_head as one head of one image,
 // and scattered back: the same products as the attention over the concatenated tokens (the same bits, tested).
 struct JointParts {
-  const paddle::Tensor* part[2];
   int64_t batch, tokens[2], heads, dim;
   int64_t total() const { return tokens[0] + tokens[1]; }
   int64_t head_floats() const { return total() * dim; }
@@ -766,7 +765,7 @@ JointParts joint_parts(const paddle::Tensor& a, const paddle::Tensor& b, int64_t
   const auto &sa = a.shape(), &sb = b.shape();
   PD_CHECK(sa.size() == 3 && sb.size() == 3 && sa[0] == sb[0] && sa[2] == sb[2] && heads > 0 && sa[2] % heads == 0,
            "cpu_kernels: joint attention takes [batch, tokens, heads * head_dim] parts of one batch and width");
-  return {{&a, &b}, sa[0], {sa[1], sb[1]}, heads, sa[2] / heads};
+  return {sa[0], {sa[1], sb[1]}, heads, sa[2] / heads};
 }
 
 // Head h of image b of the two parts (tensors of the parts' shape) into `rows` [tokens, dim], or back.
@@ -1350,6 +1349,15 @@ std::vector<paddle::Tensor> AffineGroupNormForward(const paddle::Tensor& x, cons
   return GroupNormForward(x, weight, bias, groups, epsilon, threads);
 }
 
+// out[c] = the sum over the images n of parts[n, c], added in order of n (per-channel parameter gradients).
+void sum_over_images(const float* parts, int64_t batch, int64_t channels, float* out) {
+  for (int64_t c = 0; c < channels; ++c) {
+    float total = 0.0f;
+    for (int64_t n = 0; n < batch; ++n) total += parts[n * channels + c];
+    out[c] = total;
+  }
+}
+
 std::vector<paddle::Tensor> AffineGroupNormBackward(const paddle::Tensor& x, const paddle::Tensor& weight,
                                                     const paddle::Tensor& mean, const paddle::Tensor& rstd,
                                                     const paddle::Tensor& grad_out, int64_t groups, float epsilon,
@@ -1371,16 +1379,8 @@ std::vector<paddle::Tensor> AffineGroupNormBackward(const paddle::Tensor& x, con
                             dweight_parts.data() + part, dbias_parts.data() + part, per_group, pixels, first);
     }
   });
-  float *dwp = dweight.data<float>(), *dbp = dbias.data<float>();
-  for (int64_t c = 0; c < channels; ++c) {  // over the images, in order
-    float dw = 0.0f, db = 0.0f;
-    for (int64_t n = 0; n < batch; ++n) {
-      dw += dweight_parts[n * channels + c];
-      db += dbias_parts[n * channels + c];
-    }
-    dwp[c] = dw;
-    dbp[c] = db;
-  }
+  sum_over_images(dweight_parts.data(), batch, channels, dweight.data<float>());
+  sum_over_images(dbias_parts.data(), batch, channels, dbias.data<float>());
   return {dx, dweight, dbias};
 }
 
@@ -1463,12 +1463,7 @@ std::vector<paddle::Tensor> HeadNormBackward(const paddle::Tensor& pre, const pa
       parts[row] = sum_lanes(sum);
     }
   });
-  float* dcb = grad_conv_bias.data<float>();
-  for (int64_t c = 0; c < channels; ++c) {  // over the images, in order
-    float total = 0.0f;
-    for (int64_t n = 0; n < batch; ++n) total += parts[n * channels + c];
-    dcb[c] = total;
-  }
+  sum_over_images(parts.data(), batch, channels, grad_conv_bias.data<float>());
   return {grads[0], grad_conv_bias, grads[1], grads[2]};
 }
 

@@ -202,10 +202,8 @@ def attention_with_bias(query: paddle.Tensor, key: paddle.Tensor, value: paddle.
 
 def linear_runs(x: paddle.Tensor, weight: paddle.Tensor, *others) -> bool:
     """Whether :func:`linear` takes ``x @ weight`` with ``others`` (bias, LoRA A and B; ``None`` entries ignored):
-    CPU float32 where the kernels have MKL, a 2-D weight, and no gradient to compute."""
-    return (_runs_here(x) and has_fused_attention() and len(weight.shape) == 2
-            and all(t is None or t.dtype == paddle.float32 for t in (weight, *others))
-            and no_gradient(x, weight, *others))
+    :func:`frozen_linear_runs`, and no gradient to compute."""
+    return frozen_linear_runs(x, weight, *others) and no_gradient(x, weight, *others)
 
 
 def linear(x: paddle.Tensor, weight: paddle.Tensor, bias=None, lora_a=None, lora_b=None,

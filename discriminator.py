@@ -40,10 +40,9 @@ class DiscriminatorHead(nn.Layer):
         if num_tokens != grid_height * grid_width:
             raise ValueError(f"{num_tokens} tokens do not form a {grid_height}x{grid_width} grid")
         shape = [batch, channels, grid_height, grid_width]
-        conv, norm, act = self.conv1
         if _fused(self.conv1, tokens):  # the first 1x1 conv straight from the tokens, W x tokens^T: no transposed copy
-            x = paddle.matmul(conv.weight.reshape([channels, channels]), tokens, transpose_y=True).reshape(shape)
-            x = cpu_kernels.head_norm(x, conv.bias, norm, act._negative_slope)
+            weight = self.conv1[0].weight.reshape([channels, channels])
+            x = _norm_act(self.conv1, paddle.matmul(weight, tokens, transpose_y=True).reshape(shape))
         else:
             x = self.conv1(tokens.transpose([0, 2, 1]).reshape(shape))
         x = _conv_norm_act(self.conv2, x) + x
@@ -55,12 +54,17 @@ def _fused(block: nn.Sequential, x: paddle.Tensor) -> bool:
     return cpu_kernels.head_norm_runs(x, norm, act._negative_slope, conv.bias, norm.weight, norm.bias)
 
 
-def _conv_norm_act(block: nn.Sequential, x: paddle.Tensor) -> paddle.Tensor:
-    """``block(x)`` (1x1 conv, GroupNorm, LeakyReLU); on CPU float32 the convolution without its bias, then
-    ``cpu_kernels.head_norm`` (bias, norm and activation as one op: the same values and gradients)."""
+def _norm_act(block: nn.Sequential, product: paddle.Tensor) -> paddle.Tensor:
+    """The rest of ``block`` (1x1 conv, GroupNorm, LeakyReLU) on its convolution's product without the bias: bias,
+    norm and activation as one op (``cpu_kernels.head_norm``: the same values and gradients)."""
     conv, norm, act = block
+    return cpu_kernels.head_norm(product, conv.bias, norm, act._negative_slope)
+
+
+def _conv_norm_act(block: nn.Sequential, x: paddle.Tensor) -> paddle.Tensor:
+    """``block(x)``; on CPU float32 the convolution without its bias, then :func:`_norm_act`."""
     if _fused(block, x):
-        return cpu_kernels.head_norm(F.conv2d(x, conv.weight), conv.bias, norm, act._negative_slope)
+        return _norm_act(block, F.conv2d(x, block[0].weight))
     return block(x)
 
 

@@ -392,7 +392,6 @@ class Trace:
     def view(t, n=None):
         return Tensor(t.n if n is None else int(n), t.dt, t.grad, t.sid)
 
-
     def keep(self, *tensors):
         for t in tensors:
             if t.sid is not None:
